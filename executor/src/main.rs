@@ -1,0 +1,24 @@
+//! The `qemu-executor` binary: parse arguments, set up logging, run the
+//! subcommand, and turn its outcome into an exit code.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_tracing(&cli.global);
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            // The whole chain, so the cause of a cause is never lost.
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(cli::EXIT_ERROR)
+        }
+    }
+}

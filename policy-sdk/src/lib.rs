@@ -1,0 +1,5 @@
+//! The SDK for qemu-executor policies.
+
+pub mod types;
+
+pub use types::*;
