@@ -4,4 +4,8 @@
 //! The binary is a thin layer over this library; every piece of logic lives
 //! here, one module per concern.
 
+pub mod dirs;
+pub mod fingerprint;
+pub mod kvm;
 pub mod task;
+pub mod verdict;

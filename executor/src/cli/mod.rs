@@ -42,6 +42,10 @@ pub struct GlobalOpts {
     /// /var/cache/qemu-executor as root.
     #[arg(long, global = true, env = "QEMU_EXECUTOR_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Task directories, the KVM verdict and cached host facts; default
+    /// $XDG_STATE_HOME/qemu-executor, or /var/lib/qemu-executor as root.
+    #[arg(long, global = true, env = "QEMU_EXECUTOR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Operator configuration (policies, fetch limits, argument allowlist).
     #[arg(long, global = true, env = "QEMU_EXECUTOR_CONFIG")]
     pub config: Option<PathBuf>,
@@ -56,6 +60,20 @@ pub enum Command {
     Run(run::RunArgs),
     /// Describe this host: qemu, its accelerators, KVM, cpus and memory.
     Fingerprint(fingerprint::FingerprintArgs),
+}
+
+impl GlobalOpts {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(qemu_executor::dirs::default_state_dir)
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(qemu_executor::dirs::default_cache_dir)
+    }
 }
 
 pub fn init_tracing(global: &GlobalOpts) {
