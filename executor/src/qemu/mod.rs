@@ -1,0 +1,7 @@
+//! Everything about one qemu process: its command line, its image, the
+//! process itself and its QMP connection.
+
+pub mod cmdline;
+pub mod image;
+pub mod process;
+pub mod qmp;
