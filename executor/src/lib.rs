@@ -8,6 +8,7 @@ pub mod config;
 pub mod dirs;
 pub mod fingerprint;
 pub mod kvm;
+pub mod launcher;
 pub mod logtail;
 pub mod passthrough;
 pub mod qemu;
