@@ -4,4 +4,22 @@
 //! The binary is a thin layer over this library; every piece of logic lives
 //! here, one module per concern.
 
+pub mod cache;
+pub mod config;
+pub mod digest;
+pub mod fetch;
 pub mod task;
+pub mod units;
+
+/// An error and its causes on one line, `outer: cause: root cause`, for
+/// log fields (the binary prints the chain one cause per line instead).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
