@@ -109,10 +109,9 @@ fn cache_dir_for(is_root: bool, xdg_cache_home: Option<PathBuf>, home: Option<Pa
     }
     match home.filter(|p| p.is_absolute()) {
         Some(home) => home.join(".cache").join("qemu-executor"),
-        None => std::env::temp_dir().join(format!(
-            "qemu-executor-cache-{}",
-            nix::unistd::geteuid()
-        )),
+        None => {
+            std::env::temp_dir().join(format!("qemu-executor-cache-{}", nix::unistd::geteuid()))
+        }
     }
 }
 
@@ -181,7 +180,12 @@ impl Cache {
         // The top directory may be a symlink an operator set up; the layout
         // inside it is ours and must be real directories.
         create_dir(dir, 0o755, true)?;
-        for (sub, mode) in [(IMAGES, 0o755), (TMP, 0o700), (LOCKS, 0o755), (LEASES, 0o755)] {
+        for (sub, mode) in [
+            (IMAGES, 0o755),
+            (TMP, 0o700),
+            (LOCKS, 0o755),
+            (LEASES, 0o755),
+        ] {
             create_dir(&dir.join(sub), mode, false)?;
         }
         let tag = dir.join("CACHEDIR.TAG");
@@ -276,10 +280,12 @@ impl Cache {
     /// Locks the entry named `name` from synchronous code, blocking the
     /// thread; `None` if `wait` is false and someone holds it.
     fn lock_entry_blocking(&self, name: &str, wait: bool) -> Result<Option<EntryLock>, CacheError> {
-        Ok(flock_path(&self.lock_path(name), wait)?.map(|flock| EntryLock {
-            _flock: flock,
-            _local: None,
-        }))
+        Ok(
+            flock_path(&self.lock_path(name), wait)?.map(|flock| EntryLock {
+                _flock: flock,
+                _local: None,
+            }),
+        )
     }
 
     fn local_mutex(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -298,7 +304,11 @@ impl Cache {
     }
 
     /// A new temporary file for the entry, with an unpredictable name.
-    pub fn temp_file(&self, checksum: &Checksum, _lock: &EntryLock) -> Result<NamedTempFile, CacheError> {
+    pub fn temp_file(
+        &self,
+        checksum: &Checksum,
+        _lock: &EntryLock,
+    ) -> Result<NamedTempFile, CacheError> {
         let tmp = self.tmp_dir();
         tempfile::Builder::new()
             .prefix(&format!("{}.", entry_name(checksum)))
@@ -309,7 +319,11 @@ impl Cache {
 
     /// Removes partial downloads of this entry left by a process that died;
     /// holding the lock proves nobody is writing them.
-    pub fn remove_stale_temps(&self, checksum: &Checksum, _lock: &EntryLock) -> Result<usize, CacheError> {
+    pub fn remove_stale_temps(
+        &self,
+        checksum: &Checksum,
+        _lock: &EntryLock,
+    ) -> Result<usize, CacheError> {
         let prefix = format!("{}.", entry_name(checksum));
         let tmp = self.tmp_dir();
         let mut removed = 0;
@@ -365,7 +379,11 @@ impl Cache {
 }
 
 fn create_dir(path: &Path, mode: u32, follow: bool) -> Result<(), CacheError> {
-    match fs::DirBuilder::new().recursive(true).mode(mode).create(path) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+    {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_err("create directory", path)(e)),
@@ -388,7 +406,11 @@ fn create_dir(path: &Path, mode: u32, follow: bool) -> Result<(), CacheError> {
 /// file. `O_NONBLOCK` so a planted FIFO cannot hang us in open(2).
 fn open_entry(path: &Path) -> Result<Option<File>, CacheError> {
     let flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let file = match OpenOptions::new().read(true).custom_flags(flags.bits()).open(path) {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
@@ -447,7 +469,9 @@ fn flock_path(path: &Path, wait: bool) -> Result<Option<Flock<File>>, CacheError
         };
         let ours = flock.metadata().map_err(io_err("inspect", path))?;
         match fs::symlink_metadata(path) {
-            Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => return Ok(Some(flock)),
+            Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {
+                return Ok(Some(flock));
+            }
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err("inspect", path)(e)),

@@ -87,7 +87,10 @@ mod tests {
         let path = dir.path().join("executor.toml");
         std::fs::write(&path, "[fetch]\nmax_attempts = 0\n").unwrap();
         let err = Config::load(&path).unwrap_err();
-        assert_eq!(err.to_string(), "Invalid setting fetch.max_attempts: must be between 1 and 100");
+        assert_eq!(
+            err.to_string(),
+            "Invalid setting fetch.max_attempts: must be between 1 and 100"
+        );
         std::fs::write(&path, "[fetch\n").unwrap();
         let err = Config::load(&path).unwrap_err();
         assert!(err.to_string().contains("executor.toml"), "{err}");

@@ -104,7 +104,10 @@ impl FetchConfig {
             return fail("read_timeout_ms", "must be more than 0");
         }
         if self.min_speed_bytes_per_s > 0 && self.min_speed_window_ms == 0 {
-            return fail("min_speed_window_ms", "must be more than 0 while min_speed_bytes_per_s is set");
+            return fail(
+                "min_speed_window_ms",
+                "must be more than 0 while min_speed_bytes_per_s is set",
+            );
         }
         if self.max_redirects > 20 {
             return fail("max_redirects", "must be at most 20");
@@ -172,7 +175,9 @@ pub enum FetchError {
     TooLargeStreaming { url: String, limit: u64 },
     #[error("No data from {url} for {} ms (fetch.read_timeout_ms)", timeout.as_millis())]
     Stalled { url: String, timeout: Duration },
-    #[error("Download from {url} too slow: {rate} bytes/s, below fetch.min_speed_bytes_per_s = {min}")]
+    #[error(
+        "Download from {url} too slow: {rate} bytes/s, below fetch.min_speed_bytes_per_s = {min}"
+    )]
     TooSlow { url: String, rate: u64, min: u64 },
     #[error("Body of {url} broke off after {received} bytes of the image")]
     Body {
@@ -191,9 +196,13 @@ pub enum FetchError {
     BodyTooLong { url: String, expected: u64 },
     #[error("Bad partial answer from {url}: {problem}; downloading from the start instead")]
     BadRange { url: String, problem: String },
-    #[error("Resumed download of {url} does not match its checksum; downloading from the start instead")]
+    #[error(
+        "Resumed download of {url} does not match its checksum; downloading from the start instead"
+    )]
     SplicedMismatch { url: String },
-    #[error("Checksum mismatch for {url}: expected {expected}, got {actual} ({size} bytes received)")]
+    #[error(
+        "Checksum mismatch for {url}: expected {expected}, got {actual} ({size} bytes received)"
+    )]
     Mismatch {
         url: String,
         expected: Checksum,
@@ -384,9 +393,11 @@ impl Fetcher {
         url: &Url,
         sink: Sink,
     ) -> Result<(Sink, u64), FetchError> {
-        let path = url.to_file_path().map_err(|()| FetchError::UnsupportedScheme {
-            source_url: url.to_string(),
-        })?;
+        let path = url
+            .to_file_path()
+            .map_err(|()| FetchError::UnsupportedScheme {
+                source_url: url.to_string(),
+            })?;
         let limit = self.inner.config.max_image_size.0;
         let read_err = |source| FetchError::ReadSource {
             path: path.clone(),
@@ -445,10 +456,7 @@ impl Fetcher {
     }
 }
 
-fn read_chunks(
-    mut file: std::fs::File,
-    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-) {
+fn read_chunks(mut file: std::fs::File, tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>) {
     use std::io::Read;
     const CHUNK: usize = 1 << 20;
     loop {
@@ -536,13 +544,19 @@ mod tests {
             ("read_timeout_ms = 0", "read_timeout_ms"),
             ("max_image_size = 0", "max_image_size"),
             ("max_redirects = 50", "max_redirects"),
-            ("retry_base_delay_ms = 5000\nretry_max_delay_ms = 10", "retry_base_delay_ms"),
+            (
+                "retry_base_delay_ms = 5000\nretry_max_delay_ms = 10",
+                "retry_base_delay_ms",
+            ),
         ];
         for (text, field) in bad {
             let c: FetchConfig = toml::from_str(text).unwrap();
             let err = c.validate().unwrap_err();
             assert_eq!(err.field, field);
-            assert!(err.to_string().starts_with(&format!("Invalid setting fetch.{field}")));
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("Invalid setting fetch.{field}"))
+            );
         }
     }
 
@@ -551,7 +565,13 @@ mod tests {
         assert!(parse_source("http://127.0.0.1:8000/g.iso").is_ok());
         assert!(parse_source("https://example.org/g.iso").is_ok());
         assert!(parse_source("file:///srv/g.iso").is_ok());
-        for bad in ["ftp://h/g.iso", "gopher://h/x", "data:text/plain,hi", "/srv/g.iso", "http://"] {
+        for bad in [
+            "ftp://h/g.iso",
+            "gopher://h/x",
+            "data:text/plain,hi",
+            "/srv/g.iso",
+            "http://",
+        ] {
             assert!(parse_source(bad).is_err(), "{bad}");
         }
     }

@@ -286,7 +286,11 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_first_until_within_size() {
         // (name, last use, size)
-        let entries = vec![("new", at(30), 10), ("old", at(10), 10), ("mid", at(20), 10)];
+        let entries = vec![
+            ("new", at(30), 10),
+            ("old", at(10), 10),
+            ("mid", at(20), 10),
+        ];
         let (evicted, kept, total) = evict_lru(entries, 15, |e| (e.1, e.2), |_| true);
         let names: Vec<_> = evicted.iter().map(|e| e.0).collect();
         assert_eq!(names, ["old", "mid"]);
@@ -296,7 +300,11 @@ mod tests {
 
     #[test]
     fn leased_entries_are_skipped_and_reported() {
-        let entries = vec![("old", at(10), 10), ("mid", at(20), 10), ("new", at(30), 10)];
+        let entries = vec![
+            ("old", at(10), 10),
+            ("mid", at(20), 10),
+            ("new", at(30), 10),
+        ];
         let (evicted, kept, total) = evict_lru(entries, 0, |e| (e.1, e.2), |e| e.0 != "old");
         let names: Vec<_> = evicted.iter().map(|e| e.0).collect();
         assert_eq!(names, ["mid", "new"]);
@@ -307,7 +315,8 @@ mod tests {
     #[test]
     fn nothing_is_evicted_when_already_within_size() {
         let entries = vec![("a", at(1), 5), ("b", at(2), 5)];
-        let (evicted, kept, total) = evict_lru(entries, 10, |e| (e.1, e.2), |_| panic!("no eviction"));
+        let (evicted, kept, total) =
+            evict_lru(entries, 10, |e| (e.1, e.2), |_| panic!("no eviction"));
         assert!(evicted.is_empty() && kept.is_empty());
         assert_eq!(total, 10);
     }

@@ -146,7 +146,11 @@ impl Cache {
             since: now_unix(),
         };
         let path = dir.join(holder);
-        write_atomically(&dir, &path, &serde_json::to_vec(&record).expect("plain struct"))?;
+        write_atomically(
+            &dir,
+            &path,
+            &serde_json::to_vec(&record).expect("plain struct"),
+        )?;
         tracing::debug!(checksum = %checksum, holder, pid, "Leased cache entry");
         Ok(Lease {
             cache: self.clone(),
@@ -288,7 +292,17 @@ mod tests {
     fn holder_ids_cannot_escape_the_lease_directory() {
         assert!(check_holder("task-42").is_ok());
         assert!(check_holder("web.1_a").is_ok());
-        for bad in ["", "..", ".hidden", "-x", "a/b", "../x", "a b", "a\0b", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "-x",
+            "a/b",
+            "../x",
+            "a b",
+            "a\0b",
+            &"x".repeat(129),
+        ] {
             assert!(check_holder(bad).is_err(), "{bad:?}");
         }
     }

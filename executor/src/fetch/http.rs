@@ -246,6 +246,10 @@ impl<'a> Download<'a> {
                 return Err(err);
             }
             if attempt >= config.max_attempts {
+                if attempt == 1 {
+                    // Retries are off: the error alone says it all.
+                    return Err(err);
+                }
                 return Err(FetchError::Exhausted {
                     url: self.source.to_string(),
                     attempts: attempt,
@@ -351,7 +355,10 @@ impl<'a> Download<'a> {
             }
             s if s.is_success() => {
                 if offset > 0 {
-                    tracing::info!(offset, "Server ignored the Range request; downloading from the start");
+                    tracing::info!(
+                        offset,
+                        "Server ignored the Range request; downloading from the start"
+                    );
                     self.reset()?;
                 }
                 self.ranges = headers
@@ -480,7 +487,9 @@ impl<'a> Download<'a> {
                             url,
                             target: target.to_string(),
                         },
-                        RedirectStop::TooMany(max) => FetchError::TooManyRedirects { url, max: *max },
+                        RedirectStop::TooMany(max) => {
+                            FetchError::TooManyRedirects { url, max: *max }
+                        }
                         RedirectStop::Scheme(target) => FetchError::RedirectScheme {
                             url,
                             target: target.to_string(),
@@ -556,7 +565,10 @@ mod tests {
     fn resume_answers_must_continue_where_we_stopped() {
         let ok = check_resume(Some("bytes 500-999/1000"), 500, Some(1000), Some(500));
         assert_eq!(ok, Ok(Some(1000)));
-        assert_eq!(check_resume(Some("bytes 500-999/*"), 500, Some(1000), None), Ok(Some(1000)));
+        assert_eq!(
+            check_resume(Some("bytes 500-999/*"), 500, Some(1000), None),
+            Ok(Some(1000))
+        );
         let wrong_start = check_resume(Some("bytes 0-999/1000"), 500, Some(1000), None);
         assert!(wrong_start.unwrap_err().contains("starts at byte 0"));
         let changed = check_resume(Some("bytes 500-1999/2000"), 500, Some(1000), None);

@@ -10,8 +10,10 @@ use crate::units::format_size;
 
 /// Log a line at least this often...
 const LOG_EVERY: Duration = Duration::from_secs(5);
-/// ...or whenever another tenth of a known total has arrived.
+/// ...or whenever another tenth of a known total has arrived...
 const LOG_STEP_PERCENT: u64 = 10;
+/// ...but never more often than this, so small images do not flood the log.
+const LOG_MIN_GAP: Duration = Duration::from_secs(1);
 
 pub struct Progress {
     source: String,
@@ -65,7 +67,8 @@ impl Progress {
             Some(total) if total > 0 => position.saturating_mul(100) / total / LOG_STEP_PERCENT,
             _ => 0,
         };
-        if now.duration_since(self.last_log) < LOG_EVERY && step <= self.last_step {
+        let since = now.duration_since(self.last_log);
+        if since < LOG_MIN_GAP || (since < LOG_EVERY && step <= self.last_step) {
             return;
         }
         self.last_log = now;

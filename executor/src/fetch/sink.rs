@@ -171,12 +171,16 @@ mod tests {
             NamedTempFile::new_in(dir.path()).unwrap(),
             Hasher::new(ChecksumAlgorithm::Md5),
         );
-        sink.write_all(&[Bytes::from_static(b"stale prefix")]).unwrap();
+        sink.write_all(&[Bytes::from_static(b"stale prefix")])
+            .unwrap();
         sink.reset().unwrap();
         sink.write_all(&[Bytes::from_static(b"ab"), Bytes::from_static(b"c")])
             .unwrap();
         let (temp, digest, size) = sink.finish().unwrap();
         assert_eq!(std::fs::read(temp.path()).unwrap(), b"abc");
-        assert_eq!((digest.as_str(), size), ("900150983cd24fb0d6963f7d28e17f72", 3));
+        assert_eq!(
+            (digest.as_str(), size),
+            ("900150983cd24fb0d6963f7d28e17f72", 3)
+        );
     }
 }
