@@ -374,7 +374,7 @@ impl Cache {
             path: tmp.clone(),
             source: e.into(),
         })?;
-        Ok(u64::from(st.blocks_available()).saturating_mul(st.fragment_size()))
+        Ok(st.blocks_available().saturating_mul(st.fragment_size()))
     }
 }
 

@@ -122,7 +122,7 @@ impl Cache {
                 last_used_precise,
             });
         }
-        out.sort_by(|a, b| b.last_used_precise.cmp(&a.last_used_precise));
+        out.sort_by_key(|e| std::cmp::Reverse(e.last_used_precise));
         Ok(out)
     }
 
