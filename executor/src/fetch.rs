@@ -347,6 +347,11 @@ impl Fetcher {
                 .run()
                 .await?
         };
+        tracing::debug!(
+            body_bytes,
+            secs = format_args!("{:.2}", started.elapsed().as_secs_f64()),
+            "Body received; syncing it to disk"
+        );
         let tmp_dir = cache.tmp_dir();
         let (temp, digest, size) = tokio::task::spawn_blocking(move || sink.finish())
             .await
