@@ -8,127 +8,29 @@
 //! the digest, and rename the file into place read-only. Any failure drops
 //! the temporary file, so nothing half-written stays behind.
 
+mod config;
 mod http;
+mod local;
 mod progress;
+mod range;
 mod sink;
 
-pub use http::{ContentRange, backoff_delay, parse_content_range};
+pub use config::{FetchConfig, FetchConfigError};
+pub use http::backoff_delay;
+pub use range::{ContentRange, parse_content_range};
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use policy_sdk::Checksum;
 use reqwest::Url;
-use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::{Cache, CacheError, Lease};
 use crate::digest::Hasher;
-use crate::units::{ByteSize, format_size};
-use progress::Progress;
-use sink::{Pump, Sink};
-
-/// The `[fetch]` section of the operator's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FetchConfig {
-    /// Largest image accepted, checked against Content-Length before the
-    /// download and against the bytes as they arrive. Bytes, or a string
-    /// such as `"64G"`. Default 64 GiB.
-    pub max_image_size: ByteSize,
-    /// Time to establish a connection (TCP and TLS). Default 10 000 ms.
-    pub connect_timeout_ms: u64,
-    /// Longest wait for the answer's headers or for the next piece of the
-    /// body; the attempt is abandoned then (and retried). Default 30 000 ms.
-    pub read_timeout_ms: u64,
-    /// An attempt whose average speed over `min_speed_window_ms` falls below
-    /// this many bytes per second is abandoned (and retried), so a server
-    /// that trickles a byte at a time cannot hold a task forever. 0 turns
-    /// the check off. Default 1024.
-    pub min_speed_bytes_per_s: u64,
-    /// Window for `min_speed_bytes_per_s`. Default 60 000 ms.
-    pub min_speed_window_ms: u64,
-    /// Redirects followed before giving up. Default 5.
-    pub max_redirects: u32,
-    /// Tries in all, the first included, on connection errors, timeouts,
-    /// 5xx answers and truncated bodies. Default 5.
-    pub max_attempts: u32,
-    /// Delay before the second try; it doubles for each further one, with
-    /// random jitter. Default 1000 ms.
-    pub retry_base_delay_ms: u64,
-    /// Upper bound of the delay between tries. Default 30 000 ms.
-    pub retry_max_delay_ms: u64,
-}
-
-impl Default for FetchConfig {
-    fn default() -> Self {
-        FetchConfig {
-            max_image_size: ByteSize(64 << 30),
-            connect_timeout_ms: 10_000,
-            read_timeout_ms: 30_000,
-            min_speed_bytes_per_s: 1024,
-            min_speed_window_ms: 60_000,
-            max_redirects: 5,
-            max_attempts: 5,
-            retry_base_delay_ms: 1_000,
-            retry_max_delay_ms: 30_000,
-        }
-    }
-}
-
-/// A `[fetch]` setting out of range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Invalid setting fetch.{field}: {problem}")]
-pub struct FetchConfigError {
-    pub field: &'static str,
-    pub problem: String,
-}
-
-impl FetchConfig {
-    pub fn validate(&self) -> Result<(), FetchConfigError> {
-        let fail = |field, problem: &str| {
-            Err(FetchConfigError {
-                field,
-                problem: problem.to_string(),
-            })
-        };
-        if self.max_image_size.0 == 0 {
-            return fail("max_image_size", "must be more than 0");
-        }
-        if self.connect_timeout_ms == 0 {
-            return fail("connect_timeout_ms", "must be more than 0");
-        }
-        if self.read_timeout_ms == 0 {
-            return fail("read_timeout_ms", "must be more than 0");
-        }
-        if self.min_speed_bytes_per_s > 0 && self.min_speed_window_ms == 0 {
-            return fail(
-                "min_speed_window_ms",
-                "must be more than 0 while min_speed_bytes_per_s is set",
-            );
-        }
-        if self.max_redirects > 20 {
-            return fail("max_redirects", "must be at most 20");
-        }
-        if !(1..=100).contains(&self.max_attempts) {
-            return fail("max_attempts", "must be between 1 and 100");
-        }
-        if self.retry_base_delay_ms > self.retry_max_delay_ms {
-            return fail("retry_base_delay_ms", "must not exceed retry_max_delay_ms");
-        }
-        Ok(())
-    }
-
-    fn read_timeout(&self) -> Duration {
-        Duration::from_millis(self.read_timeout_ms)
-    }
-
-    fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms)
-    }
-}
+use crate::units::format_size;
+use sink::Sink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -239,8 +141,8 @@ pub enum FetchError {
         #[source]
         source: Box<FetchError>,
     },
-    #[error("The download's writer thread failed")]
-    Writer(#[source] tokio::task::JoinError),
+    #[error("A blocking task of the fetch failed")]
+    Blocking(#[source] tokio::task::JoinError),
 }
 
 impl FetchError {
@@ -318,6 +220,37 @@ impl Fetcher {
             .await
     }
 
+    /// Fetches, then leases the image for `holder` (a task id) and process
+    /// `pid`, so that `gc` cannot evict it once this returns. If `gc`
+    /// evicts it between the two steps, fetches again.
+    pub async fn fetch_leased(
+        &self,
+        cache: &Cache,
+        source: &str,
+        checksum: &Checksum,
+        holder: &str,
+        pid: u32,
+    ) -> Result<(Fetched, Lease), FetchError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let fetched = self.fetch(cache, source, checksum).await?;
+            let (c, sum, h) = (cache.clone(), checksum.clone(), holder.to_string());
+            // Leasing takes the entry's flock, which may wait: not on a
+            // runtime thread.
+            let leased = tokio::task::spawn_blocking(move || c.lease(&sum, &h, pid))
+                .await
+                .map_err(FetchError::Blocking)?;
+            match leased {
+                Ok(lease) => return Ok((fetched, lease)),
+                Err(CacheError::NotCached { .. }) if tries < 3 => {
+                    tracing::info!(checksum = %checksum, "Image evicted before it was leased; fetching it again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     async fn fetch_inner(
         &self,
         cache: &Cache,
@@ -341,7 +274,7 @@ impl Fetcher {
         let sink = Sink::new(temp, Hasher::new(checksum.algorithm));
         let started = std::time::Instant::now();
         let (sink, body_bytes) = if url.scheme() == "file" {
-            self.copy_local(cache, &url, sink).await?
+            local::copy(&self.inner.config, cache, &url, sink).await?
         } else {
             http::Download::new(&self.inner, cache, url, source, checksum, sink)
                 .run()
@@ -355,7 +288,7 @@ impl Fetcher {
         let tmp_dir = cache.tmp_dir();
         let (temp, digest, size) = tokio::task::spawn_blocking(move || sink.finish())
             .await
-            .map_err(FetchError::Writer)?
+            .map_err(FetchError::Blocking)?
             .map_err(|source| FetchError::Write {
                 dir: tmp_dir,
                 source,
@@ -388,97 +321,6 @@ impl Fetcher {
             body_bytes,
             cache_hit: false,
         })
-    }
-
-    /// Copies a `file://` image through the same pipeline as a download:
-    /// read on a blocking thread, hashed and written on another.
-    async fn copy_local(
-        &self,
-        cache: &Cache,
-        url: &Url,
-        sink: Sink,
-    ) -> Result<(Sink, u64), FetchError> {
-        let path = url
-            .to_file_path()
-            .map_err(|()| FetchError::UnsupportedScheme {
-                source_url: url.to_string(),
-            })?;
-        let limit = self.inner.config.max_image_size.0;
-        let read_err = |source| FetchError::ReadSource {
-            path: path.clone(),
-            source,
-        };
-        let file = std::fs::File::open(&path).map_err(read_err)?;
-        let meta = file.metadata().map_err(read_err)?;
-        if !meta.is_file() {
-            return Err(FetchError::SourceNotFile { path });
-        }
-        if meta.len() > limit {
-            return Err(FetchError::TooLarge {
-                url: url.to_string(),
-                size: meta.len(),
-                limit,
-            });
-        }
-        check_space(cache, meta.len())?;
-        let mut progress = Progress::new(url.as_str());
-        progress.set_total(Some(meta.len()));
-        let pump = Pump::start(sink);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
-        let reader = tokio::task::spawn_blocking(move || read_chunks(file, &tx));
-        let mut copied = 0u64;
-        let mut outcome = Ok(());
-        while let Some(chunk) = rx.recv().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    outcome = Err(read_err(e));
-                    break;
-                }
-            };
-            copied += chunk.len() as u64;
-            if copied > limit {
-                outcome = Err(FetchError::TooLargeStreaming {
-                    url: url.to_string(),
-                    limit,
-                });
-                break;
-            }
-            progress.update(copied);
-            if !pump.send(chunk).await {
-                break;
-            }
-        }
-        drop(rx);
-        let _ = reader.await;
-        let (sink, written) = pump.close().await.map_err(FetchError::Writer)?;
-        written.map_err(|source| FetchError::Write {
-            dir: cache.tmp_dir(),
-            source,
-        })?;
-        outcome?;
-        Ok((sink, copied))
-    }
-}
-
-fn read_chunks(mut file: std::fs::File, tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>) {
-    use std::io::Read;
-    const CHUNK: usize = 1 << 20;
-    loop {
-        let mut buf = bytes::BytesMut::zeroed(CHUNK);
-        let n = match file.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-        };
-        buf.truncate(n);
-        if tx.blocking_send(Ok(buf.freeze())).is_err() {
-            return;
-        }
     }
 }
 
@@ -524,48 +366,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_documented_values() {
-        let c = FetchConfig::default();
-        c.validate().unwrap();
-        assert_eq!(c.max_image_size.0, 64 << 30);
-        assert_eq!(c.max_redirects, 5);
-    }
-
-    #[test]
-    fn config_reads_units_and_refuses_unknown_fields() {
-        let c: FetchConfig =
-            toml::from_str("max_image_size = \"10M\"\nmax_attempts = 2\n").unwrap();
-        assert_eq!(c.max_image_size.0, 10 << 20);
-        assert_eq!(c.max_attempts, 2);
-        assert_eq!(c.read_timeout_ms, 30_000, "unset fields keep defaults");
-        let err = toml::from_str::<FetchConfig>("max_atempts = 2\n").unwrap_err();
-        assert!(err.to_string().contains("max_atempts"), "{err}");
-    }
-
-    #[test]
-    fn validation_names_the_field() {
-        let bad = [
-            ("max_attempts = 0", "max_attempts"),
-            ("read_timeout_ms = 0", "read_timeout_ms"),
-            ("max_image_size = 0", "max_image_size"),
-            ("max_redirects = 50", "max_redirects"),
-            (
-                "retry_base_delay_ms = 5000\nretry_max_delay_ms = 10",
-                "retry_base_delay_ms",
-            ),
-        ];
-        for (text, field) in bad {
-            let c: FetchConfig = toml::from_str(text).unwrap();
-            let err = c.validate().unwrap_err();
-            assert_eq!(err.field, field);
-            assert!(
-                err.to_string()
-                    .starts_with(&format!("Invalid setting fetch.{field}"))
-            );
-        }
-    }
-
-    #[test]
     fn only_http_https_and_file_sources() {
         assert!(parse_source("http://127.0.0.1:8000/g.iso").is_ok());
         assert!(parse_source("https://example.org/g.iso").is_ok());
@@ -579,6 +379,54 @@ mod tests {
         ] {
             assert!(parse_source(bad).is_err(), "{bad}");
         }
+    }
+
+    fn local_image(dir: &std::path::Path, len: usize) -> (String, Checksum) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+        let path = dir.join("local.img");
+        std::fs::write(&path, &data).unwrap();
+        let mut h = Hasher::new(policy_sdk::ChecksumAlgorithm::Md5);
+        h.update(&data);
+        let sum = format!("md5:{}", h.finalize_hex()).parse().unwrap();
+        (format!("file://{}", path.display()), sum)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_fetches_in_one_process_download_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, sum) = local_image(dir.path(), 5 << 20);
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let fetcher = Fetcher::new(FetchConfig::default()).unwrap();
+        let fetches = (0..4).map(|_| {
+            let (f, c, u, s) = (fetcher.clone(), cache.clone(), url.clone(), sum.clone());
+            tokio::spawn(async move { f.fetch(&c, &u, &s).await.unwrap() })
+        });
+        let mut results = Vec::new();
+        for f in fetches {
+            results.push(f.await.unwrap());
+        }
+        assert_eq!(results.iter().filter(|r| !r.cache_hit).count(), 1);
+        assert!(results.iter().all(|r| r.path == results[0].path));
+        assert_eq!(results.iter().map(|r| r.body_bytes).sum::<u64>(), 5 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_leased_image_survives_gc_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, sum) = local_image(dir.path(), 10_000);
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let fetcher = Fetcher::new(FetchConfig::default()).unwrap();
+        let (fetched, lease) = fetcher
+            .fetch_leased(&cache, &url, &sum, "task-1", std::process::id())
+            .await
+            .unwrap();
+        assert_eq!((fetched.size, fetched.cache_hit), (10_000, false));
+        let report = cache.gc(Some(0)).unwrap();
+        assert!(report.evicted.is_empty() && !report.reached());
+        assert_eq!(report.kept_in_use[0].holders, ["task-1"]);
+        lease.release().unwrap();
+        assert_eq!(cache.gc(Some(0)).unwrap().evicted.len(), 1);
+        assert!(!fetched.path.exists());
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum Fault {
     RedirectChain,
     /// The whole file with 200, whatever Range asked.
     IgnoreRange,
+    /// A 206 claiming `bytes 0-…`, with the whole file, whatever Range asked.
+    WrongRange,
     /// The file, `chunk` bytes per `interval`.
     Slow { chunk: usize, interval: Duration },
 }
@@ -195,6 +197,14 @@ impl Shared {
                     n + 1
                 );
                 self.finish_head(&mut out, head)?;
+            }
+            Fault::WrongRange => {
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-{}/{len}\r\nContent-Length: {len}\r\n",
+                    len - 1
+                );
+                self.finish_head(&mut out, head)?;
+                out.write_all(&self.body)?;
             }
             Fault::IgnoreRange => {
                 let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n");
