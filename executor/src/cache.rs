@@ -261,8 +261,23 @@ impl Cache {
     /// tasks of this one; waits as long as another holder has it.
     pub async fn lock_entry(&self, checksum: &Checksum) -> Result<EntryLock, CacheError> {
         let name = entry_name(checksum);
-        let local = self.local_mutex(&name).lock_owned().await;
+        let mutex = self.local_mutex(&name);
+        let local = match mutex.clone().try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => {
+                tracing::info!(checksum = %checksum, "Another task is fetching this image; waiting for it");
+                mutex.lock_owned().await
+            }
+        };
         let path = self.lock_path(&name);
+        // The uncontended case is two quick syscalls, fine on this thread.
+        if let Some(flock) = flock_path(&path, false)? {
+            return Ok(EntryLock {
+                _flock: flock,
+                _local: Some(local),
+            });
+        }
+        tracing::info!(checksum = %checksum, lock = %path.display(), "Another process is fetching this image; waiting for it");
         let flock = tokio::task::spawn_blocking(move || flock_path(&path, true))
             .await
             .map_err(|e| CacheError::Io {

@@ -331,3 +331,27 @@ fn inconsistent_partial_answer_falls_back_to_a_full_download() {
     );
     env.assert_clean(&[&entry(&body)]);
 }
+
+#[test]
+fn interrupted_fetch_leaves_nothing_behind() {
+    let body = pattern(2 * MIB, 25);
+    let slow = Fault::Slow {
+        chunk: 32 * 1024,
+        interval: Duration::from_millis(50),
+    };
+    let server = FaultServer::start(body.clone(), vec![slow], true).unwrap();
+    let env = Env::new(&[]);
+    let (url, sum) = (server.url("g.img"), md5_sum(&body));
+    let (mut child, out, err) = env.spawn(&["fetch", &url, "--checksum", &sum], "int");
+    let started = qemu_executor_tests::proc::wait_until(Duration::from_secs(10), || {
+        (!env.names("tmp").is_empty()).then_some(())
+    });
+    assert!(started.is_some(), "the download started");
+    child.signal(nix::sys::signal::Signal::SIGINT);
+    let outcome = Env::finish(&mut child, &out, &err);
+    assert_eq!(
+        outcome.error(),
+        "error: Interrupted by SIGINT; nothing was cached\n"
+    );
+    env.assert_clean(&[]);
+}
