@@ -180,10 +180,12 @@ impl Cache {
         // The top directory may be a symlink an operator set up; the layout
         // inside it is ours and must be real directories.
         create_dir(dir, 0o755, true)?;
+        // Locks are private: anyone who can open a lock file can flock it
+        // and stall our fetches. Images and leases may be read by others.
         for (sub, mode) in [
             (IMAGES, 0o755),
             (TMP, 0o700),
-            (LOCKS, 0o755),
+            (LOCKS, 0o700),
             (LEASES, 0o755),
         ] {
             create_dir(&dir.join(sub), mode, false)?;
@@ -462,7 +464,7 @@ fn flock_path(path: &Path, wait: bool) -> Result<Option<Flock<File>>, CacheError
             .read(true)
             .write(true)
             .create(true)
-            .mode(0o644)
+            .mode(0o600)
             .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
             .open(path)
             .map_err(io_err("open lock file", path))?;

@@ -95,6 +95,13 @@ impl Env {
             .arg(&self.cache)
             .args(args)
             .env_remove("RUST_LOG")
+            // Loopback servers only: no proxy may stand in between.
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("ALL_PROXY")
             .stdin(std::process::Stdio::null())
             .stdout(fs::File::create(&out).unwrap())
             .stderr(fs::File::create(&err).unwrap());
