@@ -259,13 +259,13 @@ impl Fetcher {
     ) -> Result<Fetched, FetchError> {
         let url = parse_source(source)?;
         if let Some(hit) = cache.lookup(checksum)? {
-            tracing::info!(path = %hit.path.display(), size = hit.size, "Image found in the cache");
+            tracing::info!(path = %hit.path.display(), size = hit.size, body_bytes = 0, "Image found in the cache");
             return Ok(hit_result(hit));
         }
         let lock = cache.lock_entry(checksum).await?;
         // Whoever held the lock before us may have fetched it.
         if let Some(hit) = cache.lookup(checksum)? {
-            tracing::info!(path = %hit.path.display(), size = hit.size, "Image fetched meanwhile by another fetch");
+            tracing::info!(path = %hit.path.display(), size = hit.size, body_bytes = 0, "Image fetched meanwhile by another fetch");
             return Ok(hit_result(hit));
         }
         cache.remove_stale_temps(checksum, &lock)?;
