@@ -355,3 +355,28 @@ fn interrupted_fetch_leaves_nothing_behind() {
     );
     env.assert_clean(&[]);
 }
+
+#[test]
+fn refused_connections_are_retried_then_reported() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::new(&[]);
+    let url = format!("http://127.0.0.1:{port}/g.img");
+    let out = env.fetch(&url, &md5_sum(b"x"));
+    let err = out.error();
+    let head = format!(
+        "error: Giving up on {url} after 3 attempts\n  caused by: Cannot connect to {url}\n  caused by: "
+    );
+    assert!(err.starts_with(&head), "{err}");
+    assert_eq!(
+        out.stderr
+            .matches("Download attempt failed; retrying")
+            .count(),
+        2
+    );
+    env.assert_clean(&[]);
+}
