@@ -1,23 +1,29 @@
-//! The operator's `executor.toml`: one section per concern, each with its
-//! own defaults and validation.
+//! The operator's configuration file (`--config executor.toml`), one
+//! struct per section, each validating its own fields.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::fetch::{FetchConfig, FetchConfigError};
 use crate::passthrough::{ArgsConfig, ArgsError};
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[fetch]`: downloads into the image cache.
+    #[serde(default)]
+    pub fetch: FetchConfig,
+    /// `[qemu]`: the binary and how it is confined.
     #[serde(default)]
     pub qemu: QemuConfig,
+    /// `[args]`: the task `args` passthrough and its allowlist.
     #[serde(default)]
     pub args: ArgsConfig,
 }
 
 /// `[qemu]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QemuConfig {
     /// Default: `qemu-system-x86_64` on PATH.
@@ -52,45 +58,52 @@ fn default_kvm_stall_s() -> u32 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("Cannot read the configuration {}", path.display())]
+    #[error("Cannot read the configuration file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("Configuration {} is invalid", path.display())]
+    #[error("Invalid configuration file {path}")]
     Parse {
         path: PathBuf,
         #[source]
         source: toml::de::Error,
     },
-    #[error("Configuration {} is invalid", path.display())]
-    Args {
-        path: PathBuf,
-        #[source]
-        source: ArgsError,
-    },
+    #[error(transparent)]
+    Fetch(#[from] FetchConfigError),
+    #[error(transparent)]
+    Args(#[from] ArgsError),
 }
 
 impl Config {
-    /// Reads and validates `path`; no path means every default.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let Some(path) = path else {
-            return Ok(Config::default());
-        };
+    pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.fetch.validate()?;
+        self.args.validate()?;
+        Ok(())
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let config = Config::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
         })?;
-        config.args.validate().map_err(|source| ConfigError::Args {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// The file at `path` if one is given, else every default.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
+        path.map_or_else(|| Ok(Config::default()), Config::load)
     }
 }
 
@@ -99,26 +112,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_and_unknown_sections() {
-        let c = Config::load(None).unwrap();
+    fn empty_file_means_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
         assert!(c.qemu.sandbox);
         assert_eq!(c.qemu.kvm_stall_s, 10);
         assert!(!c.args.enabled);
+    }
 
+    #[test]
+    fn fetch_section_and_unknown_sections() {
+        let c = Config::parse("[fetch]\nmax_attempts = 3\nmax_image_size = \"1G\"\n").unwrap();
+        assert_eq!(c.fetch.max_attempts, 3);
+        assert_eq!(c.fetch.max_image_size.0, 1 << 30);
+        let err = Config::parse("[fecth]\nmax_attempts = 3\n").unwrap_err();
+        assert!(err.to_string().contains("fecth"), "{err}");
+        let err = Config::parse("[qemu]\nsandbx = false\n").unwrap_err();
+        assert!(err.to_string().contains("sandbx"), "{err}");
+    }
+
+    #[test]
+    fn load_validates_and_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("executor.toml");
-        std::fs::write(&p, "[qemu]\nsandbox = false\n[bogus]\nx = 1\n").unwrap();
-        let err = Config::load(Some(&p)).unwrap_err();
-        assert!(format!("{:?}", err).contains("bogus"), "{err:?}");
+        let path = dir.path().join("executor.toml");
+        std::fs::write(&path, "[fetch]\nmax_attempts = 0\n").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Invalid setting fetch.max_attempts: must be between 1 and 100"
+        );
+        std::fs::write(&path, "[fetch\n").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(err.to_string().contains("executor.toml"), "{err}");
+        let missing = Config::load(&dir.path().join("nope.toml")).unwrap_err();
+        assert!(matches!(missing, ConfigError::Read { .. }));
+    }
 
+    #[test]
+    fn dangerous_passthrough_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("executor.toml");
         std::fs::write(
-            &p,
+            &path,
             "[args]\nenabled = true\n[args.allow]\n\"-drive\" = [\"file\"]\n",
         )
         .unwrap();
-        assert!(matches!(
-            Config::load(Some(&p)),
-            Err(ConfigError::Args { .. })
-        ));
+        assert!(matches!(Config::load(&path), Err(ConfigError::Args(_))));
     }
 }

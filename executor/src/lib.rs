@@ -4,8 +4,11 @@
 //! The binary is a thin layer over this library; every piece of logic lives
 //! here, one module per concern.
 
+pub mod cache;
 pub mod config;
+pub mod digest;
 pub mod dirs;
+pub mod fetch;
 pub mod fingerprint;
 pub mod kvm;
 pub mod launcher;
@@ -15,4 +18,18 @@ pub mod qemu;
 pub mod readiness;
 pub mod supervisor;
 pub mod task;
+pub mod units;
 pub mod verdict;
+
+/// An error and its causes on one line, `outer: cause: root cause`, for
+/// log fields (the binary prints the chain one cause per line instead).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

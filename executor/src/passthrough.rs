@@ -76,7 +76,7 @@ pub const NEVER_ALLOWED: &[&str] = &[
 ];
 
 /// `[args]` in executor.toml.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ArgsConfig {
     /// Default false: tasks with `args` are refused.

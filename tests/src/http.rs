@@ -81,7 +81,7 @@ impl Drop for FileServer {
     }
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+pub(crate) fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
@@ -154,7 +154,7 @@ fn serve(
     Ok(())
 }
 
-fn parse_range_start(value: &str) -> Option<u64> {
+pub(crate) fn parse_range_start(value: &str) -> Option<u64> {
     value
         .strip_prefix("bytes=")?
         .split('-')

@@ -1,7 +1,9 @@
 //! Helpers for the end-to-end tests: where the binary is, processes that
 //! are always cleaned up, a real HTTP server on loopback, and the test guest.
 
+pub mod cli;
 pub mod executor;
+pub mod fault;
 pub mod guest;
 pub mod http;
 pub mod proc;

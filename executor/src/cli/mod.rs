@@ -1,6 +1,8 @@
 //! Command-line verbs, one file each. Each verb parses its own arguments,
 //! calls into the library and maps the outcome to an exit code.
 
+mod cache;
+mod fetch;
 mod fingerprint;
 mod run;
 
@@ -60,6 +62,10 @@ pub enum Command {
     Run(run::RunArgs),
     /// Describe this host: qemu, its accelerators, KVM, cpus and memory.
     Fingerprint(fingerprint::FingerprintArgs),
+    /// Fetch and verify one image into the cache; print its path.
+    Fetch(fetch::FetchArgs),
+    /// Inspect and trim the image cache.
+    Cache(cache::CacheArgs),
 }
 
 impl GlobalOpts {
@@ -86,6 +92,8 @@ pub fn init_tracing(global: &GlobalOpts) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match global.log_format {
         LogFormat::Human => builder.init(),
@@ -99,6 +107,36 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Run(args) => run::run(args, &cli.global).await,
             Command::Fingerprint(args) => fingerprint::run(args, &cli.global).await,
+            Command::Fetch(args) => fetch::run(args, &cli.global).await,
+            Command::Cache(args) => cache::run(args, &cli.global).await,
         }
     })
+}
+
+/// The operator's configuration: `--config` if given, else defaults.
+pub fn load_config(global: &GlobalOpts) -> anyhow::Result<qemu_executor::config::Config> {
+    Ok(qemu_executor::config::Config::load_or_default(
+        global.config.as_deref(),
+    )?)
+}
+
+/// The image cache: `--cache-dir` if given, else the default for this user.
+pub fn open_cache(global: &GlobalOpts) -> anyhow::Result<qemu_executor::cache::Cache> {
+    Ok(qemu_executor::cache::Cache::open(&global.cache_dir())?)
+}
+
+/// Resolves on the first SIGINT or SIGTERM, naming it.
+pub async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // Without signal handlers the default action ends us anyway.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }

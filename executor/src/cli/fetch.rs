@@ -1,0 +1,34 @@
+//! `qemu-executor fetch URL --checksum SUM`: fetch and verify one image
+//! into the cache and print where it is.
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::Args;
+use policy_sdk::Checksum;
+use qemu_executor::fetch::Fetcher;
+
+use super::GlobalOpts;
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Image URL: http://, https:// or file://.
+    pub url: String,
+    /// Expected digest: md5:HEX, sha256:HEX, sha512:HEX, or 32 bare hex
+    /// digits (MD5).
+    #[arg(long)]
+    pub checksum: Checksum,
+}
+
+pub async fn run(args: FetchArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let config = super::load_config(global)?;
+    let cache = super::open_cache(global)?;
+    let fetcher = Fetcher::new(config.fetch)?;
+    let fetched = tokio::select! {
+        fetched = fetcher.fetch(&cache, &args.url, &args.checksum) => fetched?,
+        // Returning drops the download, and with it the partial file.
+        signal = super::interrupted() => bail!("Interrupted by {signal}; nothing was cached"),
+    };
+    println!("{}", fetched.path.display());
+    Ok(ExitCode::SUCCESS)
+}

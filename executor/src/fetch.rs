@@ -1,0 +1,447 @@
+//! Fetching an image into the cache: HTTP(S) or a local file, hashed while
+//! it is written, verified before it becomes an entry.
+//!
+//! One fetch: look the checksum up in the cache (a hit sends nothing to the
+//! server); otherwise lock the entry (other processes and other tasks of
+//! this one wait, then find the entry), stream the body into a temporary
+//! file in the cache while hashing it, retry and resume on failures, compare
+//! the digest, and rename the file into place read-only. Any failure drops
+//! the temporary file, so nothing half-written stays behind.
+
+mod config;
+mod http;
+mod local;
+mod progress;
+mod range;
+mod sink;
+
+pub use config::{FetchConfig, FetchConfigError};
+pub use http::backoff_delay;
+pub use range::{ContentRange, parse_content_range};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use policy_sdk::Checksum;
+use reqwest::Url;
+use tracing::Instrument;
+
+use crate::cache::{Cache, CacheError, Lease};
+use crate::digest::Hasher;
+use crate::units::format_size;
+use sink::Sink;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Config(#[from] FetchConfigError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("Image source {source_url:?} is not a URL")]
+    InvalidUrl {
+        source_url: String,
+        #[source]
+        source: url::ParseError,
+    },
+    #[error("Image source {source_url} is not supported: use an http, https or file URL")]
+    UnsupportedScheme { source_url: String },
+    #[error("Cannot set up the HTTP client")]
+    Client(#[source] reqwest::Error),
+    #[error("Cannot connect to {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Request for {url} failed")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Server answered {status} for {url}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("Redirect loop at {url}: it leads back to {target}")]
+    RedirectLoop { url: String, target: String },
+    #[error("More than {max} redirects for {url} (fetch.max_redirects)")]
+    TooManyRedirects { url: String, max: u32 },
+    #[error("{url} redirects to {target}: only http and https redirects are followed")]
+    RedirectScheme { url: String, target: String },
+    #[error("{url} is {} ({size} bytes), over the limit of {} (fetch.max_image_size)", format_size(*size), format_size(*limit))]
+    TooLarge { url: String, size: u64, limit: u64 },
+    #[error("{url} sent more than {} without ending, the limit (fetch.max_image_size)", format_size(*limit))]
+    TooLargeStreaming { url: String, limit: u64 },
+    #[error("No data from {url} for {} ms (fetch.read_timeout_ms)", timeout.as_millis())]
+    Stalled { url: String, timeout: Duration },
+    #[error(
+        "Download from {url} too slow: {rate} bytes/s, below fetch.min_speed_bytes_per_s = {min}"
+    )]
+    TooSlow { url: String, rate: u64, min: u64 },
+    #[error("Body of {url} broke off after {received} bytes of the image")]
+    Body {
+        url: String,
+        received: u64,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("Body of {url} ended after {received} of {expected} bytes")]
+    Truncated {
+        url: String,
+        received: u64,
+        expected: u64,
+    },
+    #[error("Body of {url} is longer than the {expected} bytes the server announced")]
+    BodyTooLong { url: String, expected: u64 },
+    #[error("Bad partial answer from {url}: {problem}; downloading from the start instead")]
+    BadRange { url: String, problem: String },
+    #[error(
+        "Resumed download of {url} does not match its checksum; downloading from the start instead"
+    )]
+    SplicedMismatch { url: String },
+    #[error(
+        "Checksum mismatch for {url}: expected {expected}, got {actual} ({size} bytes received)"
+    )]
+    Mismatch {
+        url: String,
+        expected: Checksum,
+        actual: Checksum,
+        size: u64,
+    },
+    #[error(
+        "Not enough free space in the cache at {dir}: the image needs {} more, {} available",
+        format_size(*needed), format_size(*available)
+    )]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("Cannot write the image into the cache at {dir}")]
+    Write {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot read the image source {path}")]
+    ReadSource {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Image source {path} is not a regular file")]
+    SourceNotFile { path: PathBuf },
+    #[error("Giving up on {url} after {attempts} attempts")]
+    Exhausted {
+        url: String,
+        attempts: u32,
+        #[source]
+        source: Box<FetchError>,
+    },
+    #[error("A blocking task of the fetch failed")]
+    Blocking(#[source] tokio::task::JoinError),
+}
+
+impl FetchError {
+    /// Whether another attempt may succeed where this one failed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::Connect { .. }
+            | FetchError::Request { .. }
+            | FetchError::Stalled { .. }
+            | FetchError::TooSlow { .. }
+            | FetchError::Body { .. }
+            | FetchError::Truncated { .. }
+            | FetchError::BadRange { .. }
+            | FetchError::SplicedMismatch { .. } => true,
+            FetchError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == reqwest::StatusCode::REQUEST_TIMEOUT
+                    || *status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The outcome of a fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The verified, read-only image in the cache.
+    pub path: PathBuf,
+    pub size: u64,
+    /// Body bytes received, every attempt counted; 0 on a cache hit.
+    pub body_bytes: u64,
+    /// The image was in the cache already (possibly fetched meanwhile by
+    /// another process or task while this one waited).
+    pub cache_hit: bool,
+}
+
+/// Downloads images into a [`Cache`]. Cheap to clone: clones share one
+/// HTTP client (and its connection pool).
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: FetchConfig,
+    client: reqwest::Client,
+}
+
+impl Fetcher {
+    pub fn new(config: FetchConfig) -> Result<Fetcher, FetchError> {
+        config.validate()?;
+        let client = http::client(&config).map_err(FetchError::Client)?;
+        Ok(Fetcher {
+            inner: Arc::new(Inner { config, client }),
+        })
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.config
+    }
+
+    /// Makes the image `source` with checksum `checksum` available in
+    /// `cache` and returns where it is.
+    pub async fn fetch(
+        &self,
+        cache: &Cache,
+        source: &str,
+        checksum: &Checksum,
+    ) -> Result<Fetched, FetchError> {
+        let span = tracing::info_span!("fetch", source = %source, checksum = %checksum);
+        self.fetch_inner(cache, source, checksum)
+            .instrument(span)
+            .await
+    }
+
+    /// Fetches, then leases the image for `holder` (a task id) and process
+    /// `pid`, so that `gc` cannot evict it once this returns. If `gc`
+    /// evicts it between the two steps, fetches again.
+    pub async fn fetch_leased(
+        &self,
+        cache: &Cache,
+        source: &str,
+        checksum: &Checksum,
+        holder: &str,
+        pid: u32,
+    ) -> Result<(Fetched, Lease), FetchError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let fetched = self.fetch(cache, source, checksum).await?;
+            let (c, sum, h) = (cache.clone(), checksum.clone(), holder.to_string());
+            // Leasing takes the entry's flock, which may wait: not on a
+            // runtime thread.
+            let leased = tokio::task::spawn_blocking(move || c.lease(&sum, &h, pid))
+                .await
+                .map_err(FetchError::Blocking)?;
+            match leased {
+                Ok(lease) => return Ok((fetched, lease)),
+                Err(CacheError::NotCached { .. }) if tries < 3 => {
+                    tracing::info!(checksum = %checksum, "Image evicted before it was leased; fetching it again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn fetch_inner(
+        &self,
+        cache: &Cache,
+        source: &str,
+        checksum: &Checksum,
+    ) -> Result<Fetched, FetchError> {
+        let url = parse_source(source)?;
+        if let Some(hit) = cache.lookup(checksum)? {
+            tracing::info!(path = %hit.path.display(), size = hit.size, body_bytes = 0, "Image found in the cache");
+            return Ok(hit_result(hit));
+        }
+        let lock = cache.lock_entry(checksum).await?;
+        // Whoever held the lock before us may have fetched it.
+        if let Some(hit) = cache.lookup(checksum)? {
+            tracing::info!(path = %hit.path.display(), size = hit.size, body_bytes = 0, "Image fetched meanwhile by another fetch");
+            return Ok(hit_result(hit));
+        }
+        cache.remove_stale_temps(checksum, &lock)?;
+        let temp = cache.temp_file(checksum, &lock)?;
+        tracing::debug!(temp = %temp.path().display(), "Downloading into the cache");
+        let sink = Sink::new(temp, Hasher::new(checksum.algorithm));
+        let started = std::time::Instant::now();
+        let (sink, body_bytes) = if url.scheme() == "file" {
+            local::copy(&self.inner.config, cache, &url, sink).await?
+        } else {
+            http::Download::new(&self.inner, cache, url, source, checksum, sink)
+                .run()
+                .await?
+        };
+        tracing::debug!(
+            body_bytes,
+            secs = format_args!("{:.2}", started.elapsed().as_secs_f64()),
+            "Body received; syncing it to disk"
+        );
+        let tmp_dir = cache.tmp_dir();
+        let (temp, digest, size) = tokio::task::spawn_blocking(move || sink.finish())
+            .await
+            .map_err(FetchError::Blocking)?
+            .map_err(|source| FetchError::Write {
+                dir: tmp_dir,
+                source,
+            })?;
+        if digest != checksum.digest {
+            // `temp` is dropped on return, and its file with it.
+            return Err(FetchError::Mismatch {
+                url: source.to_string(),
+                expected: checksum.clone(),
+                actual: Checksum {
+                    algorithm: checksum.algorithm,
+                    digest,
+                },
+                size,
+            });
+        }
+        let path = cache.commit(temp, checksum, &lock)?;
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            path = %path.display(),
+            size,
+            body_bytes,
+            secs = format_args!("{secs:.2}"),
+            rate = %format!("{}/s", format_size((size as f64 / secs.max(1e-3)) as u64)),
+            "Image fetched and verified"
+        );
+        Ok(Fetched {
+            path,
+            size,
+            body_bytes,
+            cache_hit: false,
+        })
+    }
+}
+
+fn hit_result(hit: crate::cache::Entry) -> Fetched {
+    Fetched {
+        path: hit.path,
+        size: hit.size,
+        body_bytes: 0,
+        cache_hit: true,
+    }
+}
+
+/// Only http, https and file URLs: anything else is refused before any I/O.
+pub fn parse_source(source: &str) -> Result<Url, FetchError> {
+    let url = Url::parse(source).map_err(|e| FetchError::InvalidUrl {
+        source_url: source.to_string(),
+        source: e,
+    })?;
+    match url.scheme() {
+        "http" | "https" if url.host_str().is_some_and(|h| !h.is_empty()) => Ok(url),
+        "file" if url.to_file_path().is_ok() => Ok(url),
+        _ => Err(FetchError::UnsupportedScheme {
+            source_url: source.to_string(),
+        }),
+    }
+}
+
+/// Refuses a download that cannot fit in the cache's filesystem.
+fn check_space(cache: &Cache, needed: u64) -> Result<(), FetchError> {
+    let available = cache.free_space()?;
+    if needed > available {
+        return Err(FetchError::NoSpace {
+            dir: cache.root().to_path_buf(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_https_and_file_sources() {
+        assert!(parse_source("http://127.0.0.1:8000/g.iso").is_ok());
+        assert!(parse_source("https://example.org/g.iso").is_ok());
+        assert!(parse_source("file:///srv/g.iso").is_ok());
+        for bad in [
+            "ftp://h/g.iso",
+            "gopher://h/x",
+            "data:text/plain,hi",
+            "/srv/g.iso",
+            "http://",
+        ] {
+            assert!(parse_source(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn local_image(dir: &std::path::Path, len: usize) -> (String, Checksum) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+        let path = dir.join("local.img");
+        std::fs::write(&path, &data).unwrap();
+        let mut h = Hasher::new(policy_sdk::ChecksumAlgorithm::Md5);
+        h.update(&data);
+        let sum = format!("md5:{}", h.finalize_hex()).parse().unwrap();
+        (format!("file://{}", path.display()), sum)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_fetches_in_one_process_download_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, sum) = local_image(dir.path(), 5 << 20);
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let fetcher = Fetcher::new(FetchConfig::default()).unwrap();
+        let fetches = (0..4).map(|_| {
+            let (f, c, u, s) = (fetcher.clone(), cache.clone(), url.clone(), sum.clone());
+            tokio::spawn(async move { f.fetch(&c, &u, &s).await.unwrap() })
+        });
+        let mut results = Vec::new();
+        for f in fetches {
+            results.push(f.await.unwrap());
+        }
+        assert_eq!(results.iter().filter(|r| !r.cache_hit).count(), 1);
+        assert!(results.iter().all(|r| r.path == results[0].path));
+        assert_eq!(results.iter().map(|r| r.body_bytes).sum::<u64>(), 5 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_leased_image_survives_gc_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, sum) = local_image(dir.path(), 10_000);
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let fetcher = Fetcher::new(FetchConfig::default()).unwrap();
+        let (fetched, lease) = fetcher
+            .fetch_leased(&cache, &url, &sum, "task-1", std::process::id())
+            .await
+            .unwrap();
+        assert_eq!((fetched.size, fetched.cache_hit), (10_000, false));
+        let report = cache.gc(Some(0)).unwrap();
+        assert!(report.evicted.is_empty() && !report.reached());
+        assert_eq!(report.kept_in_use[0].holders, ["task-1"]);
+        lease.release().unwrap();
+        assert_eq!(cache.gc(Some(0)).unwrap().evicted.len(), 1);
+        assert!(!fetched.path.exists());
+    }
+
+    #[test]
+    fn mismatch_message_shows_both_sums() {
+        let expected: Checksum = "md5:0123456789abcdef0123456789abcdef".parse().unwrap();
+        let actual: Checksum = "md5:ffffffffffffffffffffffffffffffff".parse().unwrap();
+        let err = FetchError::Mismatch {
+            url: "http://h/g.iso".into(),
+            expected,
+            actual,
+            size: 3,
+        };
+        assert_eq!(
+            err.to_string(),
+            "Checksum mismatch for http://h/g.iso: expected md5:0123456789abcdef0123456789abcdef, got md5:ffffffffffffffffffffffffffffffff (3 bytes received)"
+        );
+    }
+}
