@@ -1,9 +1,19 @@
-//! `qemu-executor run TASK`
+//! `qemu-executor run TASK [--policy FILE[=SETTINGS_JSON]]...`
+//!
+//! Prints what a person at the terminal needs on stdout (the policy diff,
+//! the accelerator, one `ready:` line per port, how the VM ended); the step
+//! by step log goes to stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use qemu_executor::fetch::Fetcher;
+use qemu_executor::fingerprint::Probe;
+use qemu_executor::launcher::LaunchEvent;
+use qemu_executor::policy::{ChainOutcome, PolicySpec};
+use qemu_executor::runner::{RunEvent, Runner, exit};
+use tokio_util::sync::CancellationToken;
 
 use super::GlobalOpts;
 
@@ -11,10 +21,102 @@ use super::GlobalOpts;
 pub struct RunArgs {
     /// Task file (.toml or .json).
     pub task: PathBuf,
+    /// A policy to run before launch, after those of executor.toml:
+    /// FILE or FILE=SETTINGS_JSON. Repeatable; order matters.
+    #[arg(long = "policy", value_name = "FILE[=SETTINGS_JSON]")]
+    pub policies: Vec<String>,
 }
 
-pub async fn run(args: RunArgs, _global: &GlobalOpts) -> anyhow::Result<ExitCode> {
-    let task = qemu_executor::task::load(&args.task)?;
-    println!("{}", serde_json::to_string_pretty(&task)?);
-    Ok(ExitCode::SUCCESS)
+pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let task = match qemu_executor::task::load(&args.task) {
+        Ok(task) => task,
+        Err(e) => {
+            super::print_error(&e);
+            return Ok(ExitCode::from(exit::INVALID));
+        }
+    };
+    let config = super::load_config(global)?;
+    let extra: Vec<PolicySpec> = args.policies.iter().map(|p| PolicySpec::parse_cli(p)).collect();
+    let chain = super::load_chain(global, &config, extra).await?;
+    let mut probe = Probe::new(global.state_dir());
+    if let Some(binary) = &config.qemu.binary {
+        probe.qemu_binary = Some(binary.clone());
+    }
+    let runner = Runner {
+        fetcher: Fetcher::new(config.fetch.clone())?,
+        cache: super::open_cache(global)?,
+        state_dir: global.state_dir(),
+        chain,
+        probe,
+        die_with_parent: true,
+        config,
+    };
+
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        let signal = super::interrupted().await;
+        tracing::info!(%signal, "stopping");
+        on_signal.cancel();
+    });
+
+    let name = task.name.clone();
+    match runner.run(task, &cancel, |event| print_event(&name, event)).await {
+        Ok(ending) => {
+            println!("ended: {ending}");
+            Ok(ExitCode::from(ending.exit_code()))
+        }
+        Err(e) => {
+            super::print_error(&e);
+            Ok(ExitCode::from(e.exit_code()))
+        }
+    }
+}
+
+fn print_event(task: &str, event: RunEvent<'_>) {
+    match event {
+        RunEvent::Facts(facts) => {
+            tracing::info!(task, kvm = %facts.kvm, qemu = facts.qemu_version.as_deref().unwrap_or("none"), "host facts");
+        }
+        RunEvent::Policies(outcome) => print_policies(outcome),
+        RunEvent::Accelerator { chosen, reason } => match reason {
+            Some(reason) => println!("accelerator: {chosen} ({reason})"),
+            None => println!("accelerator: {chosen}"),
+        },
+        RunEvent::TaskDir(dir) => println!("task dir: {}", dir.root.display()),
+        RunEvent::Image(fetched) => {
+            let how = if fetched.cache_hit { "cached" } else { "downloaded" };
+            println!("image: {} ({how}, {} bytes)", fetched.path.display(), fetched.size);
+        }
+        RunEvent::Launch(event) => print_launch(event),
+    }
+}
+
+fn print_policies(outcome: &ChainOutcome) {
+    for step in outcome.steps() {
+        match &step.reason {
+            Some(reason) => println!("policy {}: {} ({reason})", step.policy, step.decision.as_str()),
+            None => println!("policy {}: {}", step.policy, step.decision.as_str()),
+        }
+        for change in &step.diff {
+            println!("  {change}");
+        }
+    }
+}
+
+fn print_launch(event: LaunchEvent<'_>) {
+    match event {
+        LaunchEvent::Started { pid, accelerator, .. } => {
+            println!("started: qemu pid {pid} under {accelerator}");
+        }
+        LaunchEvent::PortReady(port) => println!(
+            "ready: {} {}:{} -> guest {}",
+            port.protocol, port.host_ip, port.host, port.guest
+        ),
+        LaunchEvent::Ready { after } => println!("ready after {:.1}s", after.as_secs_f64()),
+        LaunchEvent::KvmFallback { reason } => {
+            println!("kvm failed ({reason}); relaunching under tcg");
+        }
+        LaunchEvent::Stopping => println!("stopping"),
+    }
 }
