@@ -4,4 +4,6 @@
 //! The binary is a thin layer over this library; every piece of logic lives
 //! here, one module per concern.
 
+pub mod config;
+pub mod policy;
 pub mod task;
