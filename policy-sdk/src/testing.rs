@@ -20,7 +20,7 @@
 //! name = "below the range is clamped"
 //! task = { host_port = 80 }
 //! settings = { mode = "clamp" }
-//! expect = "rewrite"                   # accept | reject | rewrite | bad-settings
+//! expect = "rewrite"           # accept | reject | rewrite | bad-settings | fault
 //! reason_contains = "20000"            # optional: the reason (or settings error)
 //! fields = { "ports[0].host" = 20000 } # optional: the task afterwards
 //!
@@ -72,6 +72,9 @@ pub enum Expect {
     Rewrite,
     /// The policy refuses the case's settings when it is loaded.
     BadSettings,
+    /// The policy fails (trap, limit, output the host refuses); for tests
+    /// of the sandbox itself.
+    Fault,
 }
 
 impl Expect {
@@ -81,6 +84,7 @@ impl Expect {
             Expect::Reject => "reject",
             Expect::Rewrite => "rewrite",
             Expect::BadSettings => "bad-settings",
+            Expect::Fault => "fault",
         }
     }
 }

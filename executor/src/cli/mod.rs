@@ -2,6 +2,7 @@
 //! calls into the library and maps the outcome to an exit code.
 
 mod fingerprint;
+mod policy;
 mod run;
 
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Describe this host: qemu, its accelerators, KVM, cpus and memory.
     Fingerprint(fingerprint::FingerprintArgs),
+    /// Check a policy component against a task, or run its table of cases.
+    Policy(policy::PolicyArgs),
 }
 
 pub fn init_tracing(global: &GlobalOpts) {
@@ -81,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Run(args) => run::run(args, &cli.global).await,
             Command::Fingerprint(args) => fingerprint::run(args, &cli.global).await,
+            Command::Policy(args) => policy::run(args, &cli.global).await,
         }
     })
 }

@@ -21,10 +21,10 @@ mod host;
 mod wasi;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use chain::{Chain, ChainOutcome, Step, StepDecision};
+pub use chain::{Chain, ChainOutcome, PolicyInfo, Step, StepDecision};
 pub use diff::FieldChange;
 pub use host::{EngineOptions, PolicyEngine};
 
@@ -46,6 +46,22 @@ pub const MAX_REASON_BYTES: usize = 4096;
 pub const MAX_TASK_BYTES: usize = 64 << 10;
 /// Largest policy module read from disk.
 pub const MAX_MODULE_BYTES: u64 = 256 << 20;
+
+/// Where compiled policies are cached under the executor's cache directory.
+pub fn artifact_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("policy-artifacts")
+}
+
+impl PolicyError {
+    /// Whether the policy itself misbehaved while loading (as opposed to a
+    /// bad module, settings or environment): `policy check` exits 3 for it.
+    pub fn is_fault(&self) -> bool {
+        matches!(
+            self,
+            PolicyError::LoadFault { .. } | PolicyError::BadMetadata { .. }
+        )
+    }
+}
 
 /// What a policy may use while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

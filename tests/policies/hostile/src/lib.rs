@@ -42,9 +42,12 @@ impl Policy for Hostile {
                 }
             }
             "alloc" => {
+                // Reserve without touching the pages, so that the memory
+                // limit is reached long before the time limit, even on a
+                // loaded machine.
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                    hoard.push(black_box(Vec::with_capacity(1 << 20)));
                 }
             }
             "panic" => panic!("hostile policy panics on purpose"),
