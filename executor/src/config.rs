@@ -56,11 +56,13 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        config.validate().map_err(|(index, problem)| ConfigError::Policy {
-            path: path.to_path_buf(),
-            index,
-            problem,
-        })?;
+        config
+            .validate()
+            .map_err(|(index, problem)| ConfigError::Policy {
+                path: path.to_path_buf(),
+                index,
+                problem,
+            })?;
         Ok(config)
     }
 
@@ -114,7 +116,10 @@ mod tests {
         .unwrap();
         let config = Config::load(&path).unwrap();
         let specs = config.policy_specs().unwrap();
-        assert_eq!(specs[0].module, dir.path().join("policies/accel_fallback.wasm"));
+        assert_eq!(
+            specs[0].module,
+            dir.path().join("policies/accel_fallback.wasm")
+        );
 
         std::fs::write(&path, "[[policy]]\nmodule = \"p.wasm\"\nsha256 = \"x\"\n").unwrap();
         let err = Config::load(&path).unwrap_err();

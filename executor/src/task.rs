@@ -7,11 +7,10 @@ use std::path::{Path, PathBuf};
 use policy_sdk::Task;
 
 pub use policy_sdk::taskfile::{
-    DEFAULT_CPUS, DEFAULT_HOST_IP, DEFAULT_KILL_TIMEOUT_S, DEFAULT_MACHINE_TYPE,
-    DEFAULT_MEMORY_MB, DEFAULT_READY_TIMEOUT_S, FieldError, FieldErrors, PortFile, RestartFile,
-    TaskFile, check_name, validate,
+    DEFAULT_CPUS, DEFAULT_HOST_IP, DEFAULT_KILL_TIMEOUT_S, DEFAULT_MACHINE_TYPE, DEFAULT_MEMORY_MB,
+    DEFAULT_READY_TIMEOUT_S, FieldError, FieldErrors, PortFile, RestartFile, TaskFile, check_name,
+    validate,
 };
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {

@@ -106,12 +106,23 @@ pub struct Case {
 /// What evaluating a case gave, natively or through the executor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Accept { task: Task },
-    Reject { reason: String },
-    Rewrite { task: Task, reason: String },
-    BadSettings { message: String },
+    Accept {
+        task: Task,
+    },
+    Reject {
+        reason: String,
+    },
+    Rewrite {
+        task: Task,
+        reason: String,
+    },
+    BadSettings {
+        message: String,
+    },
     /// The policy failed (trap, limit, output the host refused).
-    Fault { message: String },
+    Fault {
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -487,7 +498,11 @@ expect = "bad-settings"
             task: cases[1].task.clone(),
             reason: "changed".into(),
         };
-        assert!(check(&cases[1], &vague).unwrap_err().contains("does not contain"));
+        assert!(
+            check(&cases[1], &vague)
+                .unwrap_err()
+                .contains("does not contain")
+        );
     }
 
     #[test]
@@ -501,7 +516,10 @@ expect = "bad-settings"
             "[[case]]\nname = \"x\"\nexpect = \"accept\"\ntask = { host_port = 1, guest_port = 2, memory = 3 }\n",
         )
         .unwrap_err();
-        assert!(err.0.contains("case 1 (\"x\")") && err.0.contains("memory"), "{err}");
+        assert!(
+            err.0.contains("case 1 (\"x\")") && err.0.contains("memory"),
+            "{err}"
+        );
     }
 
     #[test]

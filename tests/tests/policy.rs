@@ -306,10 +306,12 @@ fn hostile_policies_fault_with_exit_three_within_their_limit() {
 
     let out = scratch.check(&policy_wasm("hostile-liar"), "{}", &[]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
-    assert!(json(&out)["reason"]
-        .as_str()
-        .unwrap()
-        .contains("says it does not rewrite"));
+    assert!(
+        json(&out)["reason"]
+            .as_str()
+            .unwrap()
+            .contains("says it does not rewrite")
+    );
 }
 
 #[test]

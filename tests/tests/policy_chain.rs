@@ -77,7 +77,12 @@ fn chain_runs_in_order_and_each_policy_sees_the_previous_output() {
     let names: Vec<String> = chain.describe().into_iter().map(|p| p.name).collect();
     assert_eq!(
         names,
-        ["accel-fallback", "port-range", "resource-caps", "image-allowlist"]
+        [
+            "accel-fallback",
+            "port-range",
+            "resource-caps",
+            "image-allowlist"
+        ]
     );
     let outcome = runtime().block_on(chain.evaluate(task(), &no_kvm()));
     let ChainOutcome::Accepted { task: out, steps } = outcome else {
@@ -108,15 +113,15 @@ fn first_reject_stops_the_chain() {
     let s = setup();
     let chain = Chain::load(
         &s.engine,
-        &[
-            spec("port-range", r#"{"min":20000}"#),
-            hostile("loop"),
-        ],
+        &[spec("port-range", r#"{"min":20000}"#), hostile("loop")],
     )
     .unwrap();
     let started = Instant::now();
     let outcome = chain.evaluate_blocking(task(), &default_facts());
-    assert!(started.elapsed() < Duration::from_millis(90), "the loop never ran");
+    assert!(
+        started.elapsed() < Duration::from_millis(90),
+        "the loop never ran"
+    );
     let ChainOutcome::Rejected {
         policy,
         fault,
@@ -126,7 +131,10 @@ fn first_reject_stops_the_chain() {
     else {
         panic!("expected a reject");
     };
-    assert_eq!((policy.as_str(), fault, steps.len()), ("port-range", false, 1));
+    assert_eq!(
+        (policy.as_str(), fault, steps.len()),
+        ("port-range", false, 1)
+    );
 }
 
 #[test]
@@ -161,7 +169,10 @@ fn hostile_policies_fail_closed_and_the_engine_keeps_serving() {
             };
             assert_eq!((policy.as_str(), *fault), ("hostile", true), "{mode}");
             assert!(reason.contains(expected), "{mode}: {reason}");
-            assert!(took < Duration::from_secs(2), "{mode} round {round}: {took:?}");
+            assert!(
+                took < Duration::from_secs(2),
+                "{mode} round {round}: {took:?}"
+            );
             let after = rt.block_on(good.evaluate(task(), &default_facts()));
             assert!(
                 matches!(after, ChainOutcome::Accepted { .. }),
@@ -177,7 +188,10 @@ fn a_sleeping_policy_does_not_hold_the_thread() {
     let chain = Chain::load(&s.engine, &[hostile("sleep")]).unwrap();
     let started = Instant::now();
     let outcome = chain.evaluate_blocking(task(), &default_facts());
-    assert!(matches!(outcome, ChainOutcome::Accepted { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome, ChainOutcome::Accepted { .. }),
+        "{outcome:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(1));
 }
 
@@ -245,7 +259,10 @@ fn bad_settings_are_refused_at_load() {
         panic!("{err}");
     };
     assert_eq!(name, "port-range");
-    assert!(message.contains("min (2000) is greater than max (1000)"), "{message}");
+    assert!(
+        message.contains("min (2000) is greater than max (1000)"),
+        "{message}"
+    );
     assert!(err.to_string().starts_with("Policy port-range ("), "{err}");
 }
 

@@ -53,6 +53,20 @@ impl ChainOutcome {
         }
     }
 
+    /// One line per field a policy changed, for `run` to print before
+    /// launch: `accel-fallback: accelerator: "kvm" -> "tcg" (reason)`.
+    pub fn diff_lines(&self) -> Vec<String> {
+        self.steps()
+            .iter()
+            .flat_map(|step| {
+                step.diff.iter().map(move |change| match &step.reason {
+                    Some(reason) => format!("{}: {change} ({reason})", step.policy),
+                    None => format!("{}: {change}", step.policy),
+                })
+            })
+            .collect()
+    }
+
     /// Whether some policy rewrote the task.
     pub fn rewritten(&self) -> bool {
         self.steps()
@@ -82,7 +96,10 @@ impl fmt::Display for ChainOutcome {
                 ..
             } => write!(f, "Rejected by policy {policy}: {reason}"),
             ChainOutcome::Rejected { policy, reason, .. } => {
-                write!(f, "Policy {policy} failed, so the task is rejected: {reason}")
+                write!(
+                    f,
+                    "Policy {policy} failed, so the task is rejected: {reason}"
+                )
             }
         }
     }
@@ -326,11 +343,44 @@ mod tests {
     #[test]
     fn one_line_flattens_and_escapes() {
         assert_eq!(
-            one_line("thread '<unnamed>' panicked at src/lib.rs:3:5:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n"),
+            one_line(
+                "thread '<unnamed>' panicked at src/lib.rs:3:5:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n"
+            ),
             "thread '<unnamed>' panicked at src/lib.rs:3:5: / boom"
         );
         assert_eq!(one_line("a\u{1b}[31mred"), "a\\u{1b}[31mred");
         assert_eq!(given_reason("  \n "), "(no reason given)");
+    }
+
+    #[test]
+    fn diff_lines_name_policy_and_reason() {
+        let outcome = ChainOutcome::Accepted {
+            task: serde_json::from_value(serde_json::json!({
+                "name": "web", "image_source": "http://h/x.iso",
+                "checksum": "md5:0123456789abcdef0123456789abcdef", "accelerator": "tcg",
+                "kvm_fallback": true, "ports": [], "memory_mb": 512, "cpus": 1,
+                "kill_timeout_s": 30, "ready_timeout_s": 300, "machine_type": "pc",
+                "drive_interface": "ide", "graceful_shutdown": true,
+                "restart": {"attempts": 2, "interval_s": 1800, "delay_s": 15, "mode": "fail"}
+            }))
+            .unwrap(),
+            steps: vec![Step {
+                policy: "accel-fallback".into(),
+                decision: StepDecision::Rewrite,
+                reason: Some("no KVM".into()),
+                diff: vec![FieldChange {
+                    field: "accelerator".into(),
+                    before: Some("kvm".into()),
+                    after: Some("tcg".into()),
+                }],
+                elapsed: Duration::from_micros(40),
+            }],
+        };
+        assert!(outcome.rewritten());
+        assert_eq!(
+            outcome.diff_lines(),
+            ["accel-fallback: accelerator: \"kvm\" -> \"tcg\" (no KVM)"]
+        );
     }
 
     #[test]

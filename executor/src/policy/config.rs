@@ -161,8 +161,7 @@ limits = { time_ms = 250, memory_mb = 128 }
     fn mistakes_are_named() {
         let err = parse("[[policy]]\nmodule = \"p.wasm\"\nsetings = {}\n").unwrap_err();
         assert!(err.to_string().contains("setings"), "{err}");
-        let err =
-            parse("[[policy]]\nmodule = \"p.wasm\"\nlimits = { time = 5 }\n").unwrap_err();
+        let err = parse("[[policy]]\nmodule = \"p.wasm\"\nlimits = { time = 5 }\n").unwrap_err();
         assert!(err.to_string().contains("time"), "{err}");
         let bad_json = &parse("[[policy]]\nmodule = \"p.wasm\"\nsettings = '{min'\n").unwrap()[0];
         assert!(bad_json.validate().unwrap_err().starts_with("settings:"));

@@ -96,10 +96,7 @@ impl PolicyEngine {
                 .max_tables_per_component(64)
                 .max_component_instance_size(1 << 20)
                 .max_core_instance_size(1 << 20)
-                .table_elements(1 << 16)
-                // Keep the first pages of a freed memory mapped, so the next
-                // instance does not fault them in again.
-                .linear_memory_keep_resident(1 << 20);
+                .table_elements(1 << 18);
             config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&config).map_err(|e| PolicyError::Engine(cause(e)))?;
@@ -162,7 +159,11 @@ impl PolicyEngine {
             path: path.clone(),
             source: cause(err),
         };
-        let pre = self.inner.linker.instantiate_pre(&component).map_err(link)?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(link)?;
         let pre = PolicyPre::new(pre).map_err(link)?;
 
         let mut policy = LoadedPolicy {
@@ -313,9 +314,8 @@ impl LoadedPolicy {
     pub fn evaluate(&self, task: &Task, facts: &HostFacts) -> Result<Decision, Fault> {
         let wit_task = wit::Task::from(task.clone());
         let wit_facts = wit::HostFacts::from(facts);
-        let decision = self.call(|store, p| {
-            p.call_evaluate(store, &wit_task, &wit_facts, &self.settings)
-        })?;
+        let decision =
+            self.call(|store, p| p.call_evaluate(store, &wit_task, &wit_facts, &self.settings))?;
         let decision = match decision {
             wit::Decision::Accept => Decision::Accept,
             wit::Decision::Reject(reason) => {

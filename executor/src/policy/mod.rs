@@ -257,10 +257,18 @@ impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Fault::Timeout { limit } => {
-                write!(f, "ran longer than its time limit of {} ms", limit.as_millis())
+                write!(
+                    f,
+                    "ran longer than its time limit of {} ms",
+                    limit.as_millis()
+                )
             }
             Fault::Memory { limit } => {
-                write!(f, "tried to use more than its memory limit of {}", mib(*limit))
+                write!(
+                    f,
+                    "tried to use more than its memory limit of {}",
+                    mib(*limit)
+                )
             }
             Fault::Trap { message, stderr } if stderr.is_empty() => {
                 write!(f, "trapped: {message}")
@@ -270,9 +278,9 @@ impl fmt::Display for Fault {
             Fault::OutputTooLarge { what, size, limit } => {
                 write!(f, "returned a {what} of {size} bytes (at most {limit})")
             }
-            Fault::UndeclaredRewrite => f.write_str(
-                "rewrote the task although its metadata says it does not rewrite",
-            ),
+            Fault::UndeclaredRewrite => {
+                f.write_str("rewrote the task although its metadata says it does not rewrite")
+            }
             Fault::Unresponsive { waited } => {
                 write!(f, "did not return within {} ms", waited.as_millis())
             }
@@ -281,7 +289,7 @@ impl fmt::Display for Fault {
 }
 
 fn mib(bytes: u64) -> String {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{bytes} bytes")

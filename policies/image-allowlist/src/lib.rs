@@ -94,9 +94,7 @@ impl Policy for ImageAllowlist {
             ));
         }
         if url.climbs() {
-            return Decision::reject(format!(
-                "image_source {source:?} has a '..' path segment"
-            ));
+            return Decision::reject(format!("image_source {source:?} has a '..' path segment"));
         }
         let restricted = !s.hosts.is_empty() || !s.prefixes.is_empty();
         let host_ok = s.hosts.iter().any(|h| host_matches(h, &url.host));
@@ -188,7 +186,10 @@ mod tests {
     #[test]
     fn url_parts() {
         let u = Url::parse("https://user:pw@Images.Example.org:8443/vm/x.qcow2?a=b").unwrap();
-        assert_eq!((u.scheme, u.host.as_str(), u.path), ("https", "images.example.org", "/vm/x.qcow2?a=b"));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.path),
+            ("https", "images.example.org", "/vm/x.qcow2?a=b")
+        );
         let u = Url::parse("http://[::1]:80/x").unwrap();
         assert_eq!(u.host, "::1");
         let u = Url::parse("file:///var/lib/images/x.iso").unwrap();
@@ -220,9 +221,18 @@ mod tests {
     #[test]
     fn prefixes_cannot_be_escaped() {
         let settings = r#"{"prefixes":["https://h/vm/"]}"#;
-        assert_eq!(eval("https://h/vm/x.iso", &sha256(), settings), Decision::Accept);
-        assert_eq!(eval("https://h/vm-evil/x.iso", &sha256(), settings).kind(), "reject");
-        assert_eq!(eval("https://h/vm/../secret.iso", &sha256(), settings).kind(), "reject");
+        assert_eq!(
+            eval("https://h/vm/x.iso", &sha256(), settings),
+            Decision::Accept
+        );
+        assert_eq!(
+            eval("https://h/vm-evil/x.iso", &sha256(), settings).kind(),
+            "reject"
+        );
+        assert_eq!(
+            eval("https://h/vm/../secret.iso", &sha256(), settings).kind(),
+            "reject"
+        );
     }
 
     #[test]
@@ -230,8 +240,16 @@ mod tests {
         let check = policy_sdk::check_settings::<ImageAllowlist>;
         assert!(check(r#"{"schemes":["ftp"]}"#).unwrap_err().contains("ftp"));
         assert!(check(r#"{"schemes":[]}"#).is_err());
-        assert!(check(r#"{"algorithms":["crc32"]}"#).unwrap_err().contains("crc32"));
-        assert!(check(r#"{"prefixes":["https://h/vm"]}"#).unwrap_err().contains("ending with '/'"));
+        assert!(
+            check(r#"{"algorithms":["crc32"]}"#)
+                .unwrap_err()
+                .contains("crc32")
+        );
+        assert!(
+            check(r#"{"prefixes":["https://h/vm"]}"#)
+                .unwrap_err()
+                .contains("ending with '/'")
+        );
         assert!(check(r#"{"hosts":["h:8080"]}"#).is_err());
     }
 

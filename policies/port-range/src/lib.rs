@@ -131,7 +131,10 @@ fn free_port(task: &Task, i: usize, min: u16, max: u16) -> Option<u16> {
     let start = port.host.clamp(min, max);
     let taken = |candidate: u16| {
         task.ports.iter().enumerate().any(|(j, q)| {
-            j != i && q.host == candidate && q.protocol == port.protocol && q.host_ip == port.host_ip
+            j != i
+                && q.host == candidate
+                && q.protocol == port.protocol
+                && q.host_ip == port.host_ip
         })
     };
     let len = u32::from(max - min) + 1;
@@ -179,12 +182,16 @@ mod tests {
 
     #[test]
     fn inside_the_range_is_accepted() {
-        assert_eq!(eval(&[20000, 30000], r#"{"min":20000,"max":30000}"#), Decision::Accept);
+        assert_eq!(
+            eval(&[20000, 30000], r#"{"min":20000,"max":30000}"#),
+            Decision::Accept
+        );
     }
 
     #[test]
     fn reject_mode_names_every_port() {
-        let Decision::Reject { reason } = eval(&[19999, 25000, 30001], r#"{"min":20000,"max":30000}"#)
+        let Decision::Reject { reason } =
+            eval(&[19999, 25000, 30001], r#"{"min":20000,"max":30000}"#)
         else {
             panic!("expected a reject");
         };
@@ -233,12 +240,24 @@ mod tests {
     #[test]
     fn bad_settings() {
         let check = policy_sdk::check_settings::<PortRange>;
-        assert!(check(r#"{"min":3000,"max":2000}"#).unwrap_err().contains("greater than"));
-        assert!(check(r#"{"min":80}"#).unwrap_err().contains("allow_privileged"));
+        assert!(
+            check(r#"{"min":3000,"max":2000}"#)
+                .unwrap_err()
+                .contains("greater than")
+        );
+        assert!(
+            check(r#"{"min":80}"#)
+                .unwrap_err()
+                .contains("allow_privileged")
+        );
         assert!(check(r#"{"min":0,"allow_privileged":true}"#).is_err());
         assert!(check(r#"{"mode":"wrap"}"#).unwrap_err().contains("wrap"));
         assert!(check(r#"{"max":70000}"#).is_err());
-        assert!(check(r#"{"minimum":2000}"#).unwrap_err().contains("minimum"));
+        assert!(
+            check(r#"{"minimum":2000}"#)
+                .unwrap_err()
+                .contains("minimum")
+        );
     }
 
     #[test]

@@ -80,7 +80,10 @@ impl Policy for ResourceCaps {
             ));
         }
         if task.cpus > cpu_cap {
-            over.push(format!("cpus {} is above {cpu_cap} ({cpu_from})", task.cpus));
+            over.push(format!(
+                "cpus {} is above {cpu_cap} ({cpu_from})",
+                task.cpus
+            ));
         }
         if over.is_empty() {
             return Decision::Accept;
@@ -160,7 +163,11 @@ mod tests {
     #[test]
     fn bad_settings() {
         let check = policy_sdk::check_settings::<ResourceCaps>;
-        assert!(check(r#"{"max_memory_mb":8}"#).unwrap_err().contains("below"));
+        assert!(
+            check(r#"{"max_memory_mb":8}"#)
+                .unwrap_err()
+                .contains("below")
+        );
         assert!(check(r#"{"max_cpus":0}"#).is_err());
         assert!(check(r#"{"max_memory_mb":-1}"#).is_err());
         assert!(check(r#"{"memory":1}"#).unwrap_err().contains("memory"));

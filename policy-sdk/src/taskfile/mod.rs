@@ -64,7 +64,6 @@ impl fmt::Display for FieldErrors {
     }
 }
 
-
 /// A `[[ports]]` entry as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,7 +132,6 @@ pub struct TaskFile {
     #[serde(default)]
     pub restart: Option<RestartFile>,
 }
-
 
 /// Collects field problems while converting the raw form.
 #[derive(Default)]

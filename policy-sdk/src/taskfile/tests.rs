@@ -156,9 +156,8 @@ fn bad_values_are_named() {
         ("https://example.com/x.qcow2", true),
         ("file:///", false),
     ] {
-        let text = format!(
-            "name = \"web\"\nimage_source = \"{source}\"\nchecksum = \"{MD5}\"\n{pair}"
-        );
+        let text =
+            format!("name = \"web\"\nimage_source = \"{source}\"\nchecksum = \"{MD5}\"\n{pair}");
         let result = parse_toml(&text).unwrap().into_task();
         assert_eq!(result.is_ok(), ok, "{source}");
         if !ok {

@@ -9,7 +9,6 @@ use super::{
 };
 use crate::{Protocol, ReadyCheck, Task};
 
-
 /// A task name becomes a directory name and a qemu `-name`: keep it to a
 /// charset that needs no escaping anywhere and cannot climb out of a
 /// directory.

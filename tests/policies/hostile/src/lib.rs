@@ -73,8 +73,7 @@ impl Policy for Hostile {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
                 Decision::Accept
             }
-            "recurse" => Decision::reject(format!("depth {}", recurse(black_box(1))))
-            ,
+            "recurse" => Decision::reject(format!("depth {}", recurse(black_box(1)))),
             "exit" => std::process::exit(3),
             "random" => {
                 // HashMap asks the host for random keys; a fixed seed must
@@ -83,8 +82,7 @@ impl Policy for Hostile {
                 map.insert(task.name.clone(), 1);
                 let mut bytes = [0u8; 8];
                 for (i, b) in bytes.iter_mut().enumerate() {
-                    *b = std::collections::hash_map::RandomState::new()
-                        .hash_one(i) as u8;
+                    *b = std::collections::hash_map::RandomState::new().hash_one(i) as u8;
                 }
                 Decision::reject(format!("random {:?} map {}", bytes, map.len()))
             }
