@@ -292,3 +292,43 @@ fn report_error(err: &anyhow::Error, code: u8) -> ExitCode {
     }
     ExitCode::from(code)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_from_text_or_file() {
+        assert_eq!(read_settings(None).unwrap(), "{}");
+        assert_eq!(read_settings(Some(r#"{"a":1}"#)).unwrap(), r#"{"a":1}"#);
+        assert!(read_settings(Some("{a")).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.json");
+        std::fs::write(&file, r#"{"min": 2}"#).unwrap();
+        let arg = format!("@{}", file.display());
+        assert_eq!(read_settings(Some(&arg)).unwrap(), r#"{"min": 2}"#);
+        assert!(read_settings(Some("@/nonexistent/s.json")).is_err());
+    }
+
+    #[test]
+    fn outcomes_map_to_case_outcomes() {
+        let rejected = |fault| ChainOutcome::Rejected {
+            policy: "p".into(),
+            reason: "why".into(),
+            fault,
+            steps: Vec::new(),
+        };
+        assert_eq!(
+            to_outcome(rejected(false)),
+            Outcome::Reject {
+                reason: "why".into()
+            }
+        );
+        assert_eq!(
+            to_outcome(rejected(true)),
+            Outcome::Fault {
+                message: "why".into()
+            }
+        );
+    }
+}

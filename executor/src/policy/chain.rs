@@ -148,6 +148,7 @@ impl Chain {
     /// pin), compiles it or reads it back from the cache, reads its
     /// metadata and has it check its settings. Blocking: compiling a large
     /// component takes seconds; call it from a blocking thread.
+    #[tracing::instrument(level = "debug", skip_all, fields(policies = specs.len()))]
     pub fn load(engine: &PolicyEngine, specs: &[PolicySpec]) -> Result<Chain, PolicyError> {
         let policies = specs
             .iter()
