@@ -7,10 +7,15 @@ use serde::Deserialize;
 
 use crate::fetch::{FetchConfig, FetchConfigError};
 use crate::passthrough::{ArgsConfig, ArgsError};
+use crate::policy::PolicySpec;
+use crate::policy::config::PolicyConfig;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[[policy]]`: the policy chain, in the order the policies run.
+    #[serde(default)]
+    pub policy: Vec<PolicyConfig>,
     /// `[fetch]`: downloads into the image cache.
     #[serde(default)]
     pub fetch: FetchConfig,
@@ -20,6 +25,10 @@ pub struct Config {
     /// `[args]`: the task `args` passthrough and its allowlist.
     #[serde(default)]
     pub args: ArgsConfig,
+    /// Directory of the file it was loaded from: relative paths inside it
+    /// are relative to this.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 /// `[qemu]`
@@ -74,6 +83,8 @@ pub enum ConfigError {
     Fetch(#[from] FetchConfigError),
     #[error(transparent)]
     Args(#[from] ArgsError),
+    #[error("Invalid setting policy[{index}].{problem}")]
+    Policy { index: usize, problem: String },
 }
 
 impl Config {
@@ -84,7 +95,24 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.fetch.validate()?;
         self.args.validate()?;
+        for (index, p) in self.policy.iter().enumerate() {
+            p.validate()
+                .map_err(|problem| ConfigError::Policy { index, problem })?;
+        }
         Ok(())
+    }
+
+    /// The policy chain to load, relative modules resolved against the
+    /// configuration file's directory.
+    pub fn policy_specs(&self) -> Result<Vec<PolicySpec>, ConfigError> {
+        self.policy
+            .iter()
+            .enumerate()
+            .map(|(index, p)| {
+                p.to_spec(&self.base_dir)
+                    .map_err(|problem| ConfigError::Policy { index, problem })
+            })
+            .collect()
     }
 
     /// Reads and validates the file at `path`.
@@ -93,10 +121,14 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let config = Config::parse(&text).map_err(|source| ConfigError::Parse {
+        let mut config = Config::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
         })?;
+        config.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         config.validate()?;
         Ok(config)
     }
@@ -146,6 +178,27 @@ mod tests {
         assert!(err.to_string().contains("executor.toml"), "{err}");
         let missing = Config::load(&dir.path().join("nope.toml")).unwrap_err();
         assert!(matches!(missing, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn load_resolves_modules_next_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("executor.toml");
+        std::fs::write(
+            &path,
+            "[[policy]]\nmodule = \"policies/accel_fallback.wasm\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&path).unwrap();
+        let specs = config.policy_specs().unwrap();
+        assert_eq!(
+            specs[0].module,
+            dir.path().join("policies/accel_fallback.wasm")
+        );
+
+        std::fs::write(&path, "[[policy]]\nmodule = \"p.wasm\"\nsha256 = \"x\"\n").unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(err.to_string().contains("policy[0].sha256"), "{err}");
     }
 
     #[test]

@@ -173,6 +173,7 @@ pub async fn launch(
             ports: &task.ports,
             ready_serial: task.ready_serial.as_deref(),
             ready_timeout: Duration::from_secs(task.ready_timeout_s.into()),
+            under_kvm: accelerator == Accelerator::Kvm,
             kvm_stall: host.kvm_stall.filter(|_| accelerator == Accelerator::Kvm),
         };
         let boot = vm

@@ -14,9 +14,14 @@ pub struct LogTail {
 
 impl LogTail {
     pub fn new(path: PathBuf) -> Self {
+        Self::starting_at(path, 0)
+    }
+
+    /// Follows only what comes after byte `offset`.
+    pub fn starting_at(path: PathBuf, offset: u64) -> Self {
         LogTail {
             path,
-            offset: 0,
+            offset,
             window: String::new(),
         }
     }

@@ -155,6 +155,9 @@ pub struct Vm {
     events: broadcast::Receiver<Event>,
     pub dir: TaskDir,
     shutdown_by_guest: bool,
+    /// Where this launch's output starts in qemu's log, which a relaunch
+    /// appends to.
+    log_start: u64,
 }
 
 /// How the boot went.
@@ -192,6 +195,7 @@ impl Launch<'_> {
         // A stale socket from an earlier attempt would be connected to in
         // vain.
         let _ = std::fs::remove_file(self.dir.qmp_socket());
+        let log_start = std::fs::metadata(self.dir.qemu_log()).map_or(0, |m| m.len());
         let mut process = Spawn {
             binary: self.qemu,
             args: &argv,
@@ -206,7 +210,7 @@ impl Launch<'_> {
             status = process.wait() => {
                 return Err(SuperviseError::EarlyExit {
                     status: describe_status(status),
-                    log_tail: log_tail(&self.dir.qemu_log()),
+                    log_tail: log_tail(&self.dir.qemu_log(), log_start),
                 });
             }
         };
@@ -225,6 +229,7 @@ impl Launch<'_> {
             events,
             dir: self.dir.clone(),
             shutdown_by_guest: false,
+            log_start,
         })
     }
 }
@@ -234,6 +239,8 @@ pub struct BootWatch<'a> {
     pub ports: &'a [PortMapping],
     pub ready_serial: Option<&'a str>,
     pub ready_timeout: Duration,
+    /// Whether this boot runs under kvm, where a failure may be KVM's.
+    pub under_kvm: bool,
     /// Under kvm: a guest that prints nothing on its serial console for
     /// this long is taken as hung. `None` outside kvm or when disabled.
     pub kvm_stall: Option<Duration>,
@@ -242,6 +249,11 @@ pub struct BootWatch<'a> {
 impl Vm {
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// The last lines qemu wrote in this launch.
+    fn log_tail(&self) -> String {
+        log_tail(&self.dir.qemu_log(), self.log_start)
     }
 
     /// Watches the boot until every port answers (and the serial marker
@@ -256,7 +268,7 @@ impl Vm {
         let started = Instant::now();
         let deadline = started + watch.ready_timeout;
         let mut serial = LogTail::new(self.dir.serial_log());
-        let mut qemu_log = LogTail::new(self.dir.qemu_log());
+        let mut qemu_log = LogTail::starting_at(self.dir.qemu_log(), self.log_start);
         let mut last_serial_growth = started;
         let mut serial_ok = watch.ready_serial.is_none();
 
@@ -279,22 +291,22 @@ impl Vm {
             }
             tokio::select! {
                 status = self.process.wait() => {
-                    let tail = log_tail(&self.dir.qemu_log());
-                    if let Some(marker) = kvm_failure(&tail) {
+                    let tail = self.log_tail();
+                    if watch.under_kvm && let Some(marker) = kvm_failure(&tail) {
                         return Boot::KvmFailed(marker);
                     }
                     return Boot::Ended(self.ending_after_exit(status, tail));
                 }
                 event = self.events.recv() => {
                     match event {
-                        Ok(ev) => if let Some(boot) = self.on_boot_event(&ev).await {
+                        Ok(ev) => if let Some(boot) = self.on_boot_event(&ev, watch.under_kvm).await {
                             return boot;
                         },
                         Err(RecvError::Lagged(_)) => {}
                         // The connection is gone; qemu's exit follows.
                         Err(RecvError::Closed) => {
                             let status = self.process.wait().await;
-                            let tail = log_tail(&self.dir.qemu_log());
+                            let tail = self.log_tail();
                             return Boot::Ended(self.ending_after_exit(status, tail));
                         }
                     }
@@ -315,7 +327,7 @@ impl Vm {
                         serial_ok = true;
                     }
                     qemu_log.poll();
-                    if let Some(marker) = kvm_failure(qemu_log.text()) {
+                    if watch.under_kvm && let Some(marker) = kvm_failure(qemu_log.text()) {
                         return Boot::KvmFailed(marker);
                     }
                     if let Some(stall) = watch.kvm_stall
@@ -335,17 +347,21 @@ impl Vm {
         }
     }
 
-    async fn on_boot_event(&mut self, event: &Event) -> Option<Boot> {
+    async fn on_boot_event(&mut self, event: &Event, under_kvm: bool) -> Option<Boot> {
         match event.name.as_str() {
             "SHUTDOWN" => {
                 self.shutdown_by_guest |= event.data["guest"].as_bool() == Some(true);
                 None
             }
             "STOP" => match self.qmp.status().await.as_deref() {
-                Ok("internal-error") => Some(Boot::KvmFailed(
+                Ok("internal-error") if under_kvm => Some(Boot::KvmFailed(
                     "KVM internal error: qemu stopped the guest (query-status: internal-error)"
                         .into(),
                 )),
+                Ok("internal-error") => Some(Boot::Ended(Ending::QemuExited {
+                    status: "internal error (query-status: internal-error)".into(),
+                    log_tail: self.log_tail(),
+                })),
                 _ => None,
             },
             "GUEST_PANICKED" => Some(Boot::Ended(Ending::QemuExited {
@@ -375,7 +391,7 @@ impl Vm {
         loop {
             tokio::select! {
                 status = self.process.wait() => {
-                    let tail = log_tail(&self.dir.qemu_log());
+                    let tail = self.log_tail();
                     return Some(self.ending_after_exit(status, tail));
                 }
                 event = self.events.recv() => match event {
@@ -386,7 +402,7 @@ impl Vm {
                     Err(RecvError::Closed) => {
                         // Nothing more will come; only the exit is left.
                         let status = self.process.wait().await;
-                        let tail = log_tail(&self.dir.qemu_log());
+                        let tail = self.log_tail();
                         return Some(self.ending_after_exit(status, tail));
                     }
                 },
@@ -400,7 +416,7 @@ impl Vm {
     /// of the process group. Always reaps qemu.
     pub async fn stop(&mut self, graceful: bool, kill_timeout: Duration) -> Ending {
         if let Ok(Some(status)) = self.process.try_wait() {
-            let tail = log_tail(&self.dir.qemu_log());
+            let tail = self.log_tail();
             return self.ending_after_exit(Ok(status), tail);
         }
         if graceful {
@@ -468,9 +484,12 @@ fn describe_status(status: std::io::Result<std::process::ExitStatus>) -> String 
     }
 }
 
-/// The last lines of qemu's own log, for error messages.
-pub fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// The last lines of qemu's own log from byte `from` on, for error
+/// messages.
+pub fn log_tail(path: &Path, from: u64) -> String {
+    let mut tail = LogTail::starting_at(path.to_path_buf(), from);
+    tail.poll();
+    let text = tail.text();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
@@ -523,7 +542,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("log");
         std::fs::write(&p, "1\n2\n\n3\n4\n5\n6\n7\n").unwrap();
-        assert_eq!(log_tail(&p), "3 | 4 | 5 | 6 | 7");
-        assert_eq!(log_tail(&dir.path().join("missing")), "");
+        assert_eq!(log_tail(&p, 0), "3 | 4 | 5 | 6 | 7");
+        assert_eq!(log_tail(&p, 9), "5 | 6 | 7");
+        assert_eq!(log_tail(&dir.path().join("missing"), 0), "");
     }
 }

@@ -8,6 +8,10 @@ pub mod guest;
 pub mod http;
 pub mod proc;
 
+mod policies;
+
+pub use policies::{policy_dir, policy_wasm};
+
 use std::path::PathBuf;
 
 /// The `qemu-executor` binary built alongside the tests.

@@ -54,7 +54,13 @@ fn tcg_task_answers_then_powers_off_on_sigterm_and_a_second_run_uses_the_cache()
     let port = free_port();
     let task = sandbox.write(
         "web.toml",
-        &task_toml("web", &server.url("guest.iso"), &checksum, port, "accelerator = \"tcg\"\n"),
+        &task_toml(
+            "web",
+            &server.url("guest.iso"),
+            &checksum,
+            port,
+            "accelerator = \"tcg\"\n",
+        ),
     );
 
     for round in 1..=2 {
@@ -78,7 +84,10 @@ fn tcg_task_answers_then_powers_off_on_sigterm_and_a_second_run_uses_the_cache()
             "{stdout:?}"
         );
         assert!(stopped_at.elapsed() < Duration::from_secs(25));
-        let image_line = stdout.iter().find(|l| l.starts_with("image: ")).expect("image line");
+        let image_line = stdout
+            .iter()
+            .find(|l| l.starts_with("image: "))
+            .expect("image line");
         if round == 1 {
             assert!(image_line.contains("(downloaded"), "{image_line}");
         } else {
@@ -110,7 +119,13 @@ fn kvm_task_on_this_host_still_answers() {
     let port = free_port();
     let task = sandbox.write(
         "kvm.toml",
-        &task_toml("kvm-web", &server.url("guest.iso"), &checksum, port, "accelerator = \"kvm\"\n"),
+        &task_toml(
+            "kvm-web",
+            &server.url("guest.iso"),
+            &checksum,
+            port,
+            "accelerator = \"kvm\"\n",
+        ),
     );
     let mut run = sandbox.spawn(&["run", task.to_str().unwrap()]);
     run.wait_for_line("ready: tcp", BOOT)
@@ -121,7 +136,10 @@ fn kvm_task_on_this_host_still_answers() {
     assert_eq!(code, 0, "{stdout:?}");
     assert_no_qemu(&sandbox);
 
-    let started: Vec<&String> = stdout.iter().filter(|l| l.starts_with("started: ")).collect();
+    let started: Vec<&String> = stdout
+        .iter()
+        .filter(|l| l.starts_with("started: "))
+        .collect();
     let fell_back = stdout.iter().any(|l| l.contains("relaunching under tcg"));
     let facts = sandbox.run(&["fingerprint", "--json"]);
     let facts: serde_json::Value = serde_json::from_slice(&facts.stdout).expect("facts JSON");
@@ -186,12 +204,19 @@ fn stubborn_guest_is_killed_at_its_kill_timeout() {
     let took = stopped_at.elapsed();
     assert_eq!(code, 6, "killed at the timeout exits 6: {stdout:?}");
     assert!(
-        stdout.iter().any(|l| l
-            == "ended: killed: the guest ignored the power button until the kill timeout"),
+        stdout.iter().any(
+            |l| l == "ended: killed: the guest ignored the power button until the kill timeout"
+        ),
         "{stdout:?}"
     );
-    assert!(took >= Duration::from_secs(3), "waited the kill timeout: {took:?}");
-    assert!(took < Duration::from_secs(20), "then stopped promptly: {took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "waited the kill timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "then stopped promptly: {took:?}"
+    );
     assert!(!serial_log(&sandbox).contains("powering off"));
     assert_no_qemu(&sandbox);
 }
@@ -211,12 +236,17 @@ fn wrong_checksum_is_refused_before_qemu_starts() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stdout}\n{stderr}");
     assert!(stderr.contains(&format!("expected {wrong}")), "{stderr}");
-    assert!(stderr.contains(&format!("got {}", md5_of(&guest.cooperative))), "{stderr}");
+    assert!(
+        stderr.contains(&format!("got {}", md5_of(&guest.cooperative))),
+        "{stderr}"
+    );
     assert!(!stdout.contains("started:"), "{stdout}");
     // Nothing in the cache: no entry, no partial download.
     for sub in ["images", "tmp"] {
         let dir = sandbox.cache_dir().join(sub);
-        let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().collect()).unwrap_or_default();
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().collect())
+            .unwrap_or_default();
         assert!(left.is_empty(), "{sub}: {left:?}");
     }
     let task_dirs: Vec<_> = std::fs::read_dir(sandbox.state_dir().join("tasks"))
@@ -224,7 +254,10 @@ fn wrong_checksum_is_refused_before_qemu_starts() {
         .flatten()
         .collect();
     assert_eq!(task_dirs.len(), 1);
-    assert!(!task_dirs[0].path().join("qemu.log").exists(), "qemu never ran");
+    assert!(
+        !task_dirs[0].path().join("qemu.log").exists(),
+        "qemu never ran"
+    );
     assert_no_qemu(&sandbox);
 }
 
@@ -238,7 +271,13 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
     // A name with a comma never gets that far.
     let named = sandbox.write(
         "named.toml",
-        &task_toml("web,file=/etc/shadow", &server.url("guest.iso"), &checksum, free_port(), ""),
+        &task_toml(
+            "web,file=/etc/shadow",
+            &server.url("guest.iso"),
+            &checksum,
+            free_port(),
+            "",
+        ),
     );
     let out = sandbox.run(&["run", named.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
@@ -248,11 +287,22 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
     let evil = sandbox.path().join("c,file=/etc/shadow,if=none");
     let task = sandbox.write(
         "comma.toml",
-        &task_toml("comma", &server.url("guest.iso"), &checksum, free_port(), "kill_timeout_s = 1\n"),
+        &task_toml(
+            "comma",
+            &server.url("guest.iso"),
+            &checksum,
+            free_port(),
+            "kill_timeout_s = 1\n",
+        ),
     );
     let mut cmd_args = vec!["--cache-dir", evil.to_str().unwrap()];
     let state = evil.join("state");
-    cmd_args.extend(["--state-dir", state.to_str().unwrap(), "run", task.to_str().unwrap()]);
+    cmd_args.extend([
+        "--state-dir",
+        state.to_str().unwrap(),
+        "run",
+        task.to_str().unwrap(),
+    ]);
     let mut run = sandbox.spawn(&cmd_args);
     let started = run
         .wait_for_line("started: qemu pid ", BOOT)
@@ -279,7 +329,11 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
         drive.starts_with(&format!("file={escaped_root}/images/md5-")),
         "{drive}"
     );
-    assert_eq!(argv.iter().filter(|a| *a == "-drive").count(), 1, "{argv:?}");
+    assert_eq!(
+        argv.iter().filter(|a| *a == "-drive").count(),
+        1,
+        "{argv:?}"
+    );
     let qmp = argv
         .iter()
         .find(|a| a.starts_with("socket,id=qmp0,path="))
@@ -287,7 +341,10 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
     assert!(qmp.contains(&escaped_root), "{qmp}");
     // Nothing but our own options: each -drive/-chardev value splits into
     // exactly the keys we wrote.
-    for value in argv.iter().filter(|a| a.starts_with("file=") || a.starts_with("socket,")) {
+    for value in argv
+        .iter()
+        .filter(|a| a.starts_with("file=") || a.starts_with("socket,"))
+    {
         let unescaped_commas = value.replace(",,", "").matches(',').count();
         let expected = if value.starts_with("file=") { 5 } else { 4 };
         assert_eq!(unescaped_commas, expected, "{value}");

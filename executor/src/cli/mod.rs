@@ -4,6 +4,7 @@
 mod cache;
 mod fetch;
 mod fingerprint;
+mod policy;
 mod run;
 
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     /// Inspect and trim the image cache.
     Cache(cache::CacheArgs),
+    /// Check a policy component against a task, or run its table of cases.
+    Policy(policy::PolicyArgs),
 }
 
 impl GlobalOpts {
@@ -109,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Fingerprint(args) => fingerprint::run(args, &cli.global).await,
             Command::Fetch(args) => fetch::run(args, &cli.global).await,
             Command::Cache(args) => cache::run(args, &cli.global).await,
+            Command::Policy(args) => policy::run(args, &cli.global).await,
         }
     })
 }
@@ -118,6 +122,44 @@ pub fn load_config(global: &GlobalOpts) -> anyhow::Result<qemu_executor::config:
     Ok(qemu_executor::config::Config::load_or_default(
         global.config.as_deref(),
     )?)
+}
+
+/// The host probe, with the operator's qemu binary if one is configured.
+pub fn probe(
+    global: &GlobalOpts,
+    config: &qemu_executor::config::Config,
+) -> qemu_executor::fingerprint::Probe {
+    let mut probe = qemu_executor::fingerprint::Probe::new(global.state_dir());
+    if let Some(binary) = &config.qemu.binary {
+        probe.qemu_binary = Some(binary.clone());
+    }
+    probe
+}
+
+/// The policy chain: the `[[policy]]` entries of executor.toml, then those
+/// given on the command line. Loading compiles modules (or reads them back
+/// from the cache), so it runs on a blocking thread.
+pub async fn load_chain(
+    global: &GlobalOpts,
+    config: &qemu_executor::config::Config,
+    extra: Vec<qemu_executor::policy::PolicySpec>,
+) -> anyhow::Result<qemu_executor::policy::Chain> {
+    use qemu_executor::policy::{Chain, PolicyEngine, artifact_dir};
+    let mut specs = config.policy_specs()?;
+    specs.extend(extra);
+    let engine = PolicyEngine::new(&artifact_dir(&global.cache_dir()))?;
+    let chain = tokio::task::spawn_blocking(move || Chain::load(&engine, &specs)).await??;
+    Ok(chain)
+}
+
+/// Prints an error with its whole chain of causes, as `main` does.
+pub fn print_error(err: &dyn std::error::Error) {
+    eprintln!("error: {err}");
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        eprintln!("  caused by: {c}");
+        cause = c.source();
+    }
 }
 
 /// The image cache: `--cache-dir` if given, else the default for this user.

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use clap::Args;
 use qemu_executor::fetch::Fetcher;
-use qemu_executor::fingerprint::Probe;
 use qemu_executor::launcher::LaunchEvent;
 use qemu_executor::policy::{ChainOutcome, PolicySpec};
 use qemu_executor::runner::{RunEvent, Runner, exit};
@@ -36,12 +35,13 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
         }
     };
     let config = super::load_config(global)?;
-    let extra: Vec<PolicySpec> = args.policies.iter().map(|p| PolicySpec::parse_cli(p)).collect();
+    let extra: Vec<PolicySpec> = args
+        .policies
+        .iter()
+        .map(|p| PolicySpec::parse_cli(p))
+        .collect();
     let chain = super::load_chain(global, &config, extra).await?;
-    let mut probe = Probe::new(global.state_dir());
-    if let Some(binary) = &config.qemu.binary {
-        probe.qemu_binary = Some(binary.clone());
-    }
+    let probe = super::probe(global, &config);
     let runner = Runner {
         fetcher: Fetcher::new(config.fetch.clone())?,
         cache: super::open_cache(global)?,
@@ -61,7 +61,10 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
     });
 
     let name = task.name.clone();
-    match runner.run(task, &cancel, |event| print_event(&name, event)).await {
+    match runner
+        .run(task, &cancel, |event| print_event(&name, event))
+        .await
+    {
         Ok(ending) => {
             println!("ended: {ending}");
             Ok(ExitCode::from(ending.exit_code()))
@@ -85,8 +88,16 @@ fn print_event(task: &str, event: RunEvent<'_>) {
         },
         RunEvent::TaskDir(dir) => println!("task dir: {}", dir.root.display()),
         RunEvent::Image(fetched) => {
-            let how = if fetched.cache_hit { "cached" } else { "downloaded" };
-            println!("image: {} ({how}, {} bytes)", fetched.path.display(), fetched.size);
+            let how = if fetched.cache_hit {
+                "cached"
+            } else {
+                "downloaded"
+            };
+            println!(
+                "image: {} ({how}, {} bytes)",
+                fetched.path.display(),
+                fetched.size
+            );
         }
         RunEvent::Launch(event) => print_launch(event),
     }
@@ -95,7 +106,11 @@ fn print_event(task: &str, event: RunEvent<'_>) {
 fn print_policies(outcome: &ChainOutcome) {
     for step in outcome.steps() {
         match &step.reason {
-            Some(reason) => println!("policy {}: {} ({reason})", step.policy, step.decision.as_str()),
+            Some(reason) => println!(
+                "policy {}: {} ({reason})",
+                step.policy,
+                step.decision.as_str()
+            ),
             None => println!("policy {}: {}", step.policy, step.decision.as_str()),
         }
         for change in &step.diff {
@@ -106,7 +121,9 @@ fn print_policies(outcome: &ChainOutcome) {
 
 fn print_launch(event: LaunchEvent<'_>) {
     match event {
-        LaunchEvent::Started { pid, accelerator, .. } => {
+        LaunchEvent::Started {
+            pid, accelerator, ..
+        } => {
             println!("started: qemu pid {pid} under {accelerator}");
         }
         LaunchEvent::PortReady(port) => println!(

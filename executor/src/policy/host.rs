@@ -1,0 +1,536 @@
+//! The wasmtime side: one engine per process with its epoch ticker, policies
+//! loaded into an `InstancePre`, and each call made in a fresh store under
+//! the policy's limits.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use policy_sdk::{Decision, HostFacts, Metadata, Task};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use super::artifacts::{ArtifactCache, Origin, sha256_hex};
+use super::wasi::{self, GuestState};
+use super::{
+    CONTRACT_VERSION, Fault, Limits, MAX_MEMORY_LIMIT, MAX_MODULE_BYTES, MAX_REASON_BYTES,
+    MAX_TASK_BYTES, PolicyError, PolicySpec, cause,
+};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../policy-sdk/wit",
+        world: "policy",
+    });
+}
+
+pub(crate) use bindings::qemu_executor::policy::types as wit;
+use bindings::{Policy as PolicyBindings, PolicyPre};
+
+/// How often the epoch advances while a policy runs: the granularity of
+/// time limits.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+/// The exported interface a policy must provide, without its version.
+const EVALUATOR: &str = "qemu-executor:policy/evaluator";
+/// Instances the pooling allocator keeps ready; evaluations beyond this many
+/// at once wait (2 cores gain nothing from more).
+const POOL_INSTANCES: u32 = 64;
+
+/// Settings of the engine; the defaults are what the executor runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Pre-reserve memory for instances (the pooling allocator) instead of
+    /// mapping it anew for each one.
+    pub pooling: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { pooling: true }
+    }
+}
+
+/// The wasmtime engine, its epoch ticker, the WASI linker and the cache of
+/// compiled policies. One per process; cheap to clone.
+#[derive(Clone)]
+pub struct PolicyEngine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: Engine,
+    linker: wasmtime::component::Linker<GuestState>,
+    cache: ArtifactCache,
+    ticker: Ticker,
+    /// Bounds concurrent instances to what the pool holds.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.ticker.stop();
+    }
+}
+
+impl PolicyEngine {
+    /// An engine whose compiled policies live in `artifact_dir` (created mode
+    /// 0700; refused if others can write into it).
+    pub fn new(artifact_dir: &Path) -> Result<Self, PolicyError> {
+        Self::with_options(artifact_dir, EngineOptions::default())
+    }
+
+    pub fn with_options(artifact_dir: &Path, options: EngineOptions) -> Result<Self, PolicyError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        if options.pooling {
+            let mut pool = PoolingAllocationConfig::new();
+            pool.total_component_instances(POOL_INSTANCES)
+                .total_core_instances(POOL_INSTANCES * 8)
+                .total_memories(POOL_INSTANCES * 4)
+                .total_tables(POOL_INSTANCES * 8)
+                .max_memory_size(usize::try_from(MAX_MEMORY_LIMIT).unwrap_or(usize::MAX))
+                .max_core_instances_per_component(64)
+                .max_memories_per_component(16)
+                .max_tables_per_component(64)
+                .max_component_instance_size(1 << 20)
+                .max_core_instance_size(1 << 20)
+                .table_elements(1 << 18);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&config).map_err(|e| PolicyError::Engine(cause(e)))?;
+        let linker = wasi::linker(&engine).map_err(|e| PolicyError::Engine(cause(e)))?;
+        let cache = ArtifactCache::open(artifact_dir, &engine)?;
+        let ticker = Ticker::start(&engine);
+        let slots = options
+            .pooling
+            .then(|| Arc::new(tokio::sync::Semaphore::new(POOL_INSTANCES as usize)));
+        Ok(PolicyEngine {
+            inner: Arc::new(EngineInner {
+                engine,
+                linker,
+                cache,
+                ticker,
+                slots,
+            }),
+        })
+    }
+
+    pub(crate) fn slots(&self) -> Option<Arc<tokio::sync::Semaphore>> {
+        self.inner.slots.clone()
+    }
+
+    /// Reads, checks and compiles (or reads back from the cache) one
+    /// policy, reads its metadata and has it check its settings. Blocking.
+    pub(crate) fn load(&self, spec: &PolicySpec) -> Result<LoadedPolicy, PolicyError> {
+        let path = &spec.module;
+        spec.limits
+            .validate()
+            .map_err(|problem| PolicyError::BadLimits {
+                path: path.clone(),
+                problem,
+            })?;
+        let bytes = read_module(path)?;
+        let digest = sha256_hex(&bytes);
+        if let Some(pin) = &spec.sha256 {
+            let pin_lower = pin.trim().to_ascii_lowercase();
+            if pin_lower.len() != 64 || !pin_lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(PolicyError::BadPin {
+                    path: path.clone(),
+                    pin: pin.clone(),
+                });
+            }
+            if pin_lower != digest {
+                return Err(PolicyError::PinMismatch {
+                    path: path.clone(),
+                    expected: pin_lower,
+                    actual: digest,
+                });
+            }
+        }
+        let started = Instant::now();
+        let (component, origin) =
+            self.inner
+                .cache
+                .component(&self.inner.engine, path, &bytes, &digest)?;
+        check_contract(&self.inner.engine, &component, path)?;
+        let link = |err| PolicyError::Link {
+            path: path.clone(),
+            source: cause(err),
+        };
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(link)?;
+        let pre = PolicyPre::new(pre).map_err(link)?;
+
+        let mut policy = LoadedPolicy {
+            engine: self.clone(),
+            path: path.clone(),
+            sha256: digest,
+            name: String::new(),
+            metadata: Metadata {
+                name: String::new(),
+                version: String::new(),
+                rewrites: false,
+            },
+            settings: spec.settings.clone(),
+            limits: spec.limits,
+            pre,
+        };
+        let load_fault = |fault| PolicyError::LoadFault {
+            path: path.clone(),
+            fault,
+        };
+        let metadata = policy
+            .call(|store, p| p.call_metadata(store))
+            .map_err(load_fault)?;
+        let metadata = Metadata {
+            name: metadata.name,
+            version: metadata.version,
+            rewrites: metadata.rewrites,
+        };
+        check_metadata(&metadata).map_err(|problem| PolicyError::BadMetadata {
+            path: path.clone(),
+            problem,
+        })?;
+        policy.name = metadata.name.clone();
+        policy.metadata = metadata;
+        let settings = policy.settings.clone();
+        policy
+            .call(|store, p| p.call_check_settings(store, &settings))
+            .map_err(load_fault)?
+            .map_err(|message| PolicyError::BadSettings {
+                name: policy.name.clone(),
+                path: path.clone(),
+                message: super::chain::one_line(&message),
+            })?;
+        tracing::debug!(
+            policy = %policy.name,
+            module = %path.display(),
+            sha256 = %policy.sha256,
+            from_cache = origin == Origin::Cache,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "Policy loaded"
+        );
+        Ok(policy)
+    }
+}
+
+fn read_module(path: &Path) -> Result<Vec<u8>, PolicyError> {
+    let read_err = |source| PolicyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    if len > MAX_MODULE_BYTES {
+        return Err(PolicyError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::read(path).map_err(read_err)
+}
+
+/// Refuses a component that does not export the evaluator, or exports one
+/// of a contract version this executor does not speak (0.x versions are
+/// compatible when their minor versions match, as in Cargo).
+fn check_contract(engine: &Engine, component: &Component, path: &Path) -> Result<(), PolicyError> {
+    let ty = component.component_type();
+    let found = ty.exports(engine).find_map(|(name, _)| {
+        let (interface, version) = name.split_once('@').unwrap_or((name, ""));
+        (interface == EVALUATOR).then(|| version.to_string())
+    });
+    let Some(found) = found else {
+        return Err(PolicyError::NotAPolicy {
+            path: path.to_path_buf(),
+        });
+    };
+    if !compatible(&found, CONTRACT_VERSION) {
+        return Err(PolicyError::ContractVersion {
+            path: path.to_path_buf(),
+            found: if found.is_empty() {
+                "(unversioned)".into()
+            } else {
+                found
+            },
+            supported: CONTRACT_VERSION.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Cargo's rule: `0.y.*` matches `0.y.*`, `x.*` matches `x.*` for x > 0.
+pub(crate) fn compatible(found: &str, supported: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut parts = v.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some((major, minor))
+    };
+    match (parse(found), parse(supported)) {
+        (Some((0, a)), Some((0, b))) => a == b,
+        (Some((a, _)), Some((b, _))) => a == b,
+        _ => false,
+    }
+}
+
+fn check_metadata(m: &Metadata) -> Result<(), String> {
+    let ok_chars = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+    };
+    if m.name.is_empty() || m.name.len() > 64 || !ok_chars(&m.name) {
+        return Err(format!(
+            "name {:?} is not 1 to 64 letters, digits, '-', '_', '.' or '+'",
+            super::chain::one_line(&m.name.chars().take(80).collect::<String>())
+        ));
+    }
+    if m.version.len() > 64 || !ok_chars(&m.version) {
+        return Err("version is not up to 64 letters, digits, '-', '_', '.' or '+'".into());
+    }
+    Ok(())
+}
+
+/// One policy, ready to evaluate: compiled, linked, metadata read, settings
+/// accepted.
+pub(crate) struct LoadedPolicy {
+    engine: PolicyEngine,
+    pub path: PathBuf,
+    pub sha256: String,
+    /// The metadata's name: what every message about this policy calls it.
+    pub name: String,
+    pub metadata: Metadata,
+    pub settings: String,
+    pub limits: Limits,
+    pre: PolicyPre<GuestState>,
+}
+
+type Evaluator = bindings::exports::qemu_executor::policy::evaluator::Guest;
+
+impl LoadedPolicy {
+    /// Asks the policy about one task, in a fresh instance. Blocking.
+    pub fn evaluate(&self, task: &Task, facts: &HostFacts) -> Result<Decision, Fault> {
+        let wit_task = wit::Task::from(task.clone());
+        let wit_facts = wit::HostFacts::from(facts);
+        let decision =
+            self.call(|store, p| p.call_evaluate(store, &wit_task, &wit_facts, &self.settings))?;
+        let decision = match decision {
+            wit::Decision::Accept => Decision::Accept,
+            wit::Decision::Reject(reason) => {
+                check_reason(&reason)?;
+                Decision::Reject { reason }
+            }
+            wit::Decision::Rewrite(rewrite) => {
+                if !self.metadata.rewrites {
+                    return Err(Fault::UndeclaredRewrite);
+                }
+                check_reason(&rewrite.reason)?;
+                let task = Task::from(rewrite.task);
+                let size = task_size(&task);
+                if size > MAX_TASK_BYTES {
+                    return Err(Fault::OutputTooLarge {
+                        what: "task",
+                        size,
+                        limit: MAX_TASK_BYTES,
+                    });
+                }
+                Decision::Rewrite {
+                    task: Box::new(task),
+                    reason: rewrite.reason,
+                }
+            }
+        };
+        Ok(decision)
+    }
+
+    /// Runs `f` against a fresh instance in a fresh store under this
+    /// policy's limits, and turns whatever stopped it into a [`Fault`].
+    fn call<R>(
+        &self,
+        f: impl FnOnce(&mut Store<GuestState>, &Evaluator) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        let inner = &self.engine.inner;
+        let mut store = Store::new(&inner.engine, GuestState::new(self.limits.memory));
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(deadline_ticks(self.limits.time));
+        store.epoch_deadline_trap();
+        let _running = inner.ticker.running();
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance: PolicyBindings| {
+                f(&mut store, instance.qemu_executor_policy_evaluator())
+            });
+        result.map_err(|err| self.fault(&store, err))
+    }
+
+    fn fault(&self, store: &Store<GuestState>, err: wasmtime::Error) -> Fault {
+        if store.data().limiter.memory_hit {
+            return Fault::Memory {
+                limit: self.limits.memory,
+            };
+        }
+        if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+            return Fault::Timeout {
+                limit: self.limits.time,
+            };
+        }
+        if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            return Fault::Exit { code: exit.0 };
+        }
+        Fault::Trap {
+            message: super::chain::one_line(&err.root_cause().to_string()),
+            stderr: store.data().stderr_text(),
+        }
+    }
+}
+
+fn check_reason(reason: &str) -> Result<(), Fault> {
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(Fault::OutputTooLarge {
+            what: "reason",
+            size: reason.len(),
+            limit: MAX_REASON_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The bytes a task holds in strings and list entries, roughly what it
+/// costs to keep, log and print.
+pub(crate) fn task_size(task: &Task) -> usize {
+    let ports: usize = task
+        .ports
+        .iter()
+        .map(|p| 16 + p.host_ip.len() + p.http_path.len())
+        .sum();
+    let args: usize = task.args.iter().map(|a| 8 + a.len()).sum();
+    task.name.len()
+        + task.image_source.len()
+        + task.checksum.digest.len()
+        + task.ready_serial.as_ref().map_or(0, String::len)
+        + task.machine_type.len()
+        + ports
+        + args
+}
+
+/// Epoch ticks for a time limit, plus one because the current tick may end
+/// at any moment.
+fn deadline_ticks(limit: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    let ticks = limit.as_nanos().div_ceil(tick);
+    u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] while at least one call
+/// into a policy is running, and sleeps otherwise, so that an idle executor
+/// does not wake up hundreds of times a second.
+struct Ticker {
+    thread: OnceLock<Thread>,
+    state: Arc<TickerState>,
+}
+
+struct TickerState {
+    running: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Ticker {
+    fn start(engine: &Engine) -> Self {
+        let state = Arc::new(TickerState {
+            running: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let weak = engine.weak();
+        let shared = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::Acquire) {
+                    if shared.running.load(Ordering::Acquire) == 0 {
+                        std::thread::park();
+                        continue;
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            });
+        let cell = OnceLock::new();
+        match thread {
+            Ok(handle) => {
+                let _ = cell.set(handle.thread().clone());
+            }
+            // Without a ticker no deadline fires; every call then relies on
+            // the host-side backstop in the chain. Say so loudly.
+            Err(err) => tracing::error!(error = %err, "Cannot start the policy epoch ticker"),
+        }
+        Ticker {
+            thread: cell,
+            state,
+        }
+    }
+
+    /// Marks a call as running until the guard drops.
+    fn running(&self) -> RunningGuard<'_> {
+        if self.state.running.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        RunningGuard(self)
+    }
+
+    fn stop(&self) {
+        self.state.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+struct RunningGuard<'a>(&'a Ticker);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.state.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_versions() {
+        assert!(compatible("0.1.0", "0.1.0"));
+        assert!(compatible("0.1.7", "0.1.0"));
+        assert!(!compatible("0.2.0", "0.1.0"));
+        assert!(!compatible("1.0.0", "0.1.0"));
+        assert!(compatible("1.4.0", "1.0.0"));
+        assert!(!compatible("", "0.1.0"));
+    }
+
+    #[test]
+    fn deadline_rounds_up() {
+        assert_eq!(deadline_ticks(Duration::from_millis(100)), 51);
+        assert_eq!(deadline_ticks(Duration::from_millis(1)), 2);
+    }
+
+    #[test]
+    fn metadata_names_are_plain() {
+        let m = |name: &str| Metadata {
+            name: name.into(),
+            version: "1.0.0".into(),
+            rewrites: false,
+        };
+        assert!(check_metadata(&m("port-range")).is_ok());
+        assert!(check_metadata(&m("")).is_err());
+        assert!(check_metadata(&m("evil\nname")).is_err());
+        assert!(check_metadata(&m(&"x".repeat(65))).is_err());
+    }
+}
