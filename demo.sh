@@ -43,7 +43,7 @@ TOML
 
 say "qemu-executor run examples/web.toml (state and cache under $work)"
 "$bin" --config "$work/executor.toml" --state-dir "$work/state" --cache-dir "$work/cache" \
-    run "$work/web.toml" | tee "$work/run.out" &
+    run "$work/web.toml" > >(tee "$work/run.out") &
 executor_pid=$!
 
 for _ in $(seq 1 240); do

@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 use qemu_executor_tests::executor::{Running, Sandbox, free_port, http_get};
 use qemu_executor_tests::guest::{guest, md5_of};
 use qemu_executor_tests::http::FileServer;
+use qemu_executor_tests::policy_wasm;
 
 /// Generous: the guest boots in about 12 s under TCG, slower while the
 /// other test boots its own.
@@ -151,15 +152,28 @@ fn kvm_task_on_this_host_still_answers() {
         let kvm = facts["driver.qemu.kvm"].as_str().unwrap();
         assert!(kvm.starts_with("unusable: "), "{kvm}");
 
-        // The next kvm task skips the broken accelerator up front.
-        let mut again = sandbox.spawn(&["run", task.to_str().unwrap()]);
+        // The next kvm task goes through accel-fallback, which now sees
+        // the verdict in the host facts and rewrites the task before launch.
+        let policy = policy_wasm("accel-fallback");
+        let mut again = sandbox.spawn(&[
+            "run",
+            "--policy",
+            policy.to_str().unwrap(),
+            task.to_str().unwrap(),
+        ]);
+        let decision = again
+            .wait_for_line("policy accel-fallback: ", BOOT)
+            .expect("the policy's decision");
+        assert!(
+            decision.starts_with("policy accel-fallback: rewrite (KVM is unusable on this host: "),
+            "{decision}"
+        );
+        let diff = again.wait_for_line("  ", BOOT).expect("the diff");
+        assert_eq!(diff, "  accelerator: \"kvm\" -> \"tcg\"");
         let accel = again
             .wait_for_line("accelerator: ", BOOT)
             .expect("accelerator line");
-        assert!(
-            accel.starts_with("accelerator: tcg (kvm requested, KVM is unusable: "),
-            "{accel}"
-        );
+        assert_eq!(accel, "accelerator: tcg");
         again
             .wait_for_line("ready: tcp", BOOT)
             .unwrap_or_else(|| panic!("never ready:\n{}", again.stderr()));
@@ -283,8 +297,13 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("name: contains ','"));
 
-    // A cache and state path with commas reach qemu escaped.
+    // A cache and state path with commas reach qemu escaped; allowed
+    // passthrough arguments reach it as given, after our own options.
     let evil = sandbox.path().join("c,file=/etc/shadow,if=none");
+    let config = sandbox.write(
+        "executor.toml",
+        "[args]\nenabled = true\n[args.allow]\n\"-smbios\" = [\"type\", \"serial\"]\n",
+    );
     let task = sandbox.write(
         "comma.toml",
         &task_toml(
@@ -292,10 +311,15 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
             &server.url("guest.iso"),
             &checksum,
             free_port(),
-            "kill_timeout_s = 1\n",
+            "kill_timeout_s = 1\nargs = [\"-smbios\", \"type=1,serial=a,,b\"]\n",
         ),
     );
-    let mut cmd_args = vec!["--cache-dir", evil.to_str().unwrap()];
+    let mut cmd_args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--cache-dir",
+        evil.to_str().unwrap(),
+    ];
     let state = evil.join("state");
     cmd_args.extend([
         "--state-dir",
@@ -349,6 +373,80 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
         let expected = if value.starts_with("file=") { 5 } else { 4 };
         assert_eq!(unescaped_commas, expected, "{value}");
     }
+    assert_eq!(
+        &argv[argv.len() - 3..argv.len() - 1],
+        ["-smbios", "type=1,serial=a,,b"]
+    );
     let _ = terminate(run);
+    assert_no_qemu(&sandbox);
+}
+
+#[test]
+fn args_passthrough_cannot_reach_host_files() {
+    let sandbox = Sandbox::new();
+    let server = FileServer::start(sandbox.path()).unwrap();
+    let run_with = |config: Option<&str>, args: &str| {
+        let task = sandbox.write(
+            "args.toml",
+            &task_toml(
+                "args",
+                &server.url("guest.iso"),
+                "md5:0123456789abcdef0123456789abcdef",
+                free_port(),
+                &format!("args = {args}\n"),
+            ),
+        );
+        let mut cmd = vec![];
+        let config_path;
+        if let Some(text) = config {
+            config_path = sandbox.write("executor.toml", text);
+            cmd.extend(["--config", config_path.to_str().unwrap()]);
+        }
+        cmd.extend(["run", task.to_str().unwrap()]);
+        let out = sandbox.run(&cmd);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // CVE-2021-43415's shape: -drive through the passthrough.
+    let cve = r#"["-drive", "file=/etc/shadow"]"#;
+    let (code, err) = run_with(None, cve);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("args: passthrough is disabled on this host"),
+        "{err}"
+    );
+
+    let allow = "[args]\nenabled = true\n[args.allow]\n\"-smbios\" = [\"type\"]\n";
+    let (code, err) = run_with(Some(allow), cve);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(r#"args[0]: "-drive" is not on the operator's allowlist"#),
+        "{err}"
+    );
+
+    // An allowed flag whose value tries to carry a second option.
+    let (code, err) = run_with(Some(allow), r#"["-smbios", "type=1,file=/etc/shadow"]"#);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(r#"uses "file", which is not allowed for it"#),
+        "{err}"
+    );
+    // A value that is really a second flag.
+    let (code, err) = run_with(Some(allow), r#"["-smbios", "-drive", "file=/etc/shadow"]"#);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("args[0]: -smbios needs a value"), "{err}");
+
+    // An operator cannot allow -drive in the first place.
+    let (code, err) = run_with(
+        Some("[args]\nenabled = true\n[args.allow]\n\"-drive\" = [\"file\"]\n"),
+        r#"["-drive", "file=/etc/shadow"]"#,
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("-drive can never be allowed"), "{err}");
+
+    // Refused before anything was fetched or started.
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
     assert_no_qemu(&sandbox);
 }

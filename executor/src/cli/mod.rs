@@ -13,6 +13,17 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+/// Prints a line on stdout for the person running us. A closed stdout (a
+/// pipe whose reader went away) must not abort a VM's supervision halfway,
+/// so write errors are ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
 /// Exit code for errors that no verb maps more precisely.
 pub const EXIT_ERROR: u8 = 1;
 

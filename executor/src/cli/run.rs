@@ -14,7 +14,7 @@ use qemu_executor::policy::{ChainOutcome, PolicySpec};
 use qemu_executor::runner::{RunEvent, Runner, exit};
 use tokio_util::sync::CancellationToken;
 
-use super::GlobalOpts;
+use super::{GlobalOpts, say};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -66,7 +66,7 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
         .await
     {
         Ok(ending) => {
-            println!("ended: {ending}");
+            say!("ended: {ending}");
             Ok(ExitCode::from(ending.exit_code()))
         }
         Err(e) => {
@@ -83,17 +83,17 @@ fn print_event(task: &str, event: RunEvent<'_>) {
         }
         RunEvent::Policies(outcome) => print_policies(outcome),
         RunEvent::Accelerator { chosen, reason } => match reason {
-            Some(reason) => println!("accelerator: {chosen} ({reason})"),
-            None => println!("accelerator: {chosen}"),
+            Some(reason) => say!("accelerator: {chosen} ({reason})"),
+            None => say!("accelerator: {chosen}"),
         },
-        RunEvent::TaskDir(dir) => println!("task dir: {}", dir.root.display()),
+        RunEvent::TaskDir(dir) => say!("task dir: {}", dir.root.display()),
         RunEvent::Image(fetched) => {
             let how = if fetched.cache_hit {
                 "cached"
             } else {
                 "downloaded"
             };
-            println!(
+            say!(
                 "image: {} ({how}, {} bytes)",
                 fetched.path.display(),
                 fetched.size
@@ -106,15 +106,15 @@ fn print_event(task: &str, event: RunEvent<'_>) {
 fn print_policies(outcome: &ChainOutcome) {
     for step in outcome.steps() {
         match &step.reason {
-            Some(reason) => println!(
+            Some(reason) => say!(
                 "policy {}: {} ({reason})",
                 step.policy,
                 step.decision.as_str()
             ),
-            None => println!("policy {}: {}", step.policy, step.decision.as_str()),
+            None => say!("policy {}: {}", step.policy, step.decision.as_str()),
         }
         for change in &step.diff {
-            println!("  {change}");
+            say!("  {change}");
         }
     }
 }
@@ -124,16 +124,19 @@ fn print_launch(event: LaunchEvent<'_>) {
         LaunchEvent::Started {
             pid, accelerator, ..
         } => {
-            println!("started: qemu pid {pid} under {accelerator}");
+            say!("started: qemu pid {pid} under {accelerator}");
         }
-        LaunchEvent::PortReady(port) => println!(
+        LaunchEvent::PortReady(port) => say!(
             "ready: {} {}:{} -> guest {}",
-            port.protocol, port.host_ip, port.host, port.guest
+            port.protocol,
+            port.host_ip,
+            port.host,
+            port.guest
         ),
-        LaunchEvent::Ready { after } => println!("ready after {:.1}s", after.as_secs_f64()),
+        LaunchEvent::Ready { after } => say!("ready after {:.1}s", after.as_secs_f64()),
         LaunchEvent::KvmFallback { reason } => {
-            println!("kvm failed ({reason}); relaunching under tcg");
+            say!("kvm failed ({reason}); relaunching under tcg");
         }
-        LaunchEvent::Stopping => println!("stopping"),
+        LaunchEvent::Stopping => say!("stopping"),
     }
 }
