@@ -74,6 +74,7 @@
 //! built component.
 
 pub mod types;
+mod wire;
 
 #[cfg(feature = "taskfile")]
 pub mod taskfile;
