@@ -40,8 +40,8 @@ pub struct Attr {
 /// line are attached to it.
 pub type ValueResult<T> = Result<T, String>;
 
-/// Parses a job file into its tree. Attributes set twice in one block are
-/// refused here, as HCL's specification asks.
+/// Parses a job file into its tree. The parser refuses an attribute set
+/// twice in one block, as HCL's specification asks.
 pub fn parse(text: &str) -> Result<Block, SyntaxError> {
     let body = hcl::edit::parser::parse_body(text).map_err(|e| SyntaxError {
         line: e.location().line(),
@@ -70,19 +70,8 @@ fn convert_body(
         let at = lines.line_of(structure.span());
         match structure {
             Structure::Attribute(attr) => {
-                let key = attr.key.as_str();
-                if let Some(first) = block.attrs.iter().find(|a| a.key == key) {
-                    return Err(SyntaxError {
-                        line: at,
-                        column: 1,
-                        message: format!(
-                            "attribute {key:?} is set twice (first at line {})",
-                            first.line
-                        ),
-                    });
-                }
                 block.attrs.push(Attr {
-                    key: key.to_string(),
+                    key: attr.key.as_str().to_string(),
                     line: at,
                     expr: attr.value.clone().into(),
                 });
@@ -317,10 +306,7 @@ mod tests {
         assert!(err.line >= 2, "{err:?}");
         let err = parse("job \"x\" {\n  a = 1\n  a = 2\n}\n").unwrap_err();
         assert_eq!(err.line, 3);
-        assert!(
-            err.message.contains("set twice (first at line 2)"),
-            "{err:?}"
-        );
+        assert!(err.message.contains("redefined attribute"), "{err:?}");
     }
 
     #[test]

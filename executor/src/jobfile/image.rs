@@ -35,6 +35,15 @@ struct Artifact<'a> {
     archive: bool,
 }
 
+impl Artifact<'_> {
+    /// Its source's line, which tells one artifact from another.
+    fn line(&self) -> usize {
+        self.source
+            .as_ref()
+            .map_or(self.block.line, |(_, line)| *line)
+    }
+}
+
 pub fn resolve(
     ctx: &mut Ctx,
     config: &Block,
@@ -62,7 +71,7 @@ pub fn resolve(
         (None, Some((source, line))) => {
             for a in &artifacts {
                 ctx.problem(
-                    a.block.line,
+                    a.line(),
                     "artifact",
                     "not supported: with image_source the image comes from the config, and nothing else is fetched",
                 );
@@ -105,9 +114,9 @@ fn from_artifact(
     let delivered: Vec<Option<String>> = artifacts.iter().map(delivers).collect();
     let chosen = delivered.iter().position(|d| d.as_deref() == Some(&wanted));
     for (i, a) in artifacts.iter().enumerate() {
-        if Some(i) != chosen {
+        if chosen.is_some_and(|c| c != i) {
             ctx.problem(
-                a.block.line,
+                a.line(),
                 "artifact",
                 "not supported: only the artifact that delivers image_path is fetched here",
             );
@@ -305,10 +314,12 @@ fn delivers(a: &Artifact<'_>) -> Option<String> {
     Some(normalize(&format!("{}/{name}", a.destination)))
 }
 
+/// The name the fetched file gets: the last segment of the source's path
+/// (read as text, so that sources refused later are still named right).
 fn file_name(source: &str) -> Option<String> {
-    let url = url::Url::parse(source).ok()?;
-    url.path_segments()?
-        .next_back()
+    let path = source.split(['?', '#']).next().unwrap_or(source);
+    path.rsplit('/')
+        .next()
         .filter(|s| !s.is_empty())
         .map(str::to_string)
 }

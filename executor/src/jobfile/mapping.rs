@@ -86,6 +86,15 @@ impl Ctx {
             .or_else(|| self.origins.iter().find(|(ours, _, _)| ours == prefix))
             .map(|(_, line, theirs)| (*line, theirs.clone()));
         let (line, theirs) = found.unwrap_or((task_line, "task".to_string()));
+        // One forward for TCP and one for UDP share their job line: say it
+        // once.
+        if self
+            .problems
+            .iter()
+            .any(|p| p.line == line && p.problem == problem)
+        {
+            return;
+        }
         self.problem(line, format!("{theirs} (our {field})"), problem);
     }
 }

@@ -115,6 +115,9 @@ pub fn convert(file: &Block, wanted: Option<&str>) -> Result<Converted, JobError
     }
 
     let task = mapping::task(&mut ctx, &scope);
+    // In the order of the file, as a person reads it.
+    ctx.problems.sort_by_key(|p| p.line);
+    ctx.warnings.sort_by_key(|w| w.line);
     match task {
         Some(task) if ctx.problems.is_empty() => Ok(Converted {
             task,
