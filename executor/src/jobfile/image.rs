@@ -123,11 +123,15 @@ fn from_artifact(
         }
     }
     let Some(i) = chosen else {
+        if artifacts.iter().any(|a| a.source.is_none()) {
+            // Already refused for its missing source, which is the cause.
+            return None;
+        }
         let known: Vec<&str> = delivered.iter().flatten().map(String::as_str).collect();
-        let listing = if known.is_empty() {
-            "the task has no artifact".to_string()
-        } else {
-            format!("its artifacts deliver {}", known.join(", "))
+        let listing = match (artifacts.is_empty(), known.is_empty()) {
+            (true, _) => "the task has no artifact".to_string(),
+            (false, true) => "its artifacts deliver no named file".to_string(),
+            (false, false) => format!("its artifacts deliver {}", known.join(", ")),
         };
         ctx.problem(
             line,

@@ -389,6 +389,8 @@ fn read_config(ctx: &mut Ctx, config: &Block) -> Config {
             );
         }
     }
+    // Attributes and blocks were read apart: back to the file's order.
+    cfg.ports.sort_by_key(|p| p.line);
     cfg
 }
 

@@ -2,6 +2,7 @@
 //! mapped, the result compared with the task a task file would give.
 
 mod errors;
+mod warnings;
 
 use policy_sdk::{
     Accelerator, Checksum, DriveInterface, PortMapping, Protocol, ReadyCheck, RestartMode,

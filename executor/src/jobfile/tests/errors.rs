@@ -192,32 +192,6 @@ fn unsupported_task_fields() {
 }
 
 #[test]
-fn scheduling_fields_are_only_warned_about() {
-    let text = today_job(
-        "",
-        "      constraint {\n        attribute = \"${attr.kernel.name}\"\n        value = \"linux\"\n      }\n      meta {\n        owner = \"me\"\n      }\n      kill_signal = \"SIGINT\"\n      env {\n        A = \"1\"\n      }",
-    )
-    .replacen("  group \"g\" {\n", "  group \"g\" {\n    count = 3\n    spread {\n      attribute = \"${node.datacenter}\"\n    }\n", 1)
-    .replacen("job \"j\" {\n", "job \"j\" {\n  datacenters = [\"dc1\"]\n  affinity {\n    attribute = \"x\"\n  }\n", 1);
-    let got = warnings(&text);
-    let expect = [
-        ("datacenters", "job.datacenters"),
-        ("affinity {", "job.affinity"),
-        ("count = 3", "group.count"),
-        ("spread {", "group.spread"),
-        ("constraint {", "constraint"),
-        ("meta {", "meta"),
-        ("kill_signal", "kill_signal"),
-        ("env {", "env"),
-    ];
-    let expect: Vec<(usize, String)> = expect
-        .iter()
-        .map(|(needle, field)| (line_of(&text, needle), field.to_string()))
-        .collect();
-    assert_eq!(got, expect);
-}
-
-#[test]
 fn ports_that_cannot_be_forwarded() {
     // A port_map label without a network port.
     let text = today_job("", "").replace("http = 8080", "web = 8080");
@@ -469,4 +443,167 @@ fn malformed_hcl_and_files_without_a_job() {
         "group.volume",
         "the VM's only disk is its image",
     );
+}
+
+#[test]
+fn malformed_blocks_and_unknown_fields_everywhere() {
+    let artifact = |body: &str| {
+        job_with_task(&format!(
+            "      artifact {{\n        source = \"http://h/linux.img?checksum=md5:{MD5}\"\n{body}\n      }}\n      config {{\n        image_path = \"local/linux.img\"\n        port_map = {{ http = 80 }}\n      }}"
+        ))
+    };
+    let cases: Vec<(String, &str, &str, &str)> = vec![
+        (
+            today_job("        port_map = 80", ""),
+            "port_map = 80",
+            "config.port_map",
+            "expected a map of port labels",
+        ),
+        (
+            today_job("        port_map = { ssh = \"x\" }", ""),
+            "ssh = \"x\"",
+            "config.port_map.ssh",
+            "expected a whole number",
+        ),
+        (
+            today_job("        port_map = { http = 81 }", ""),
+            "http = 81",
+            "config.port_map.http",
+            "mapped twice (first at line 19)",
+        ),
+        (
+            today_job("        disk {\n          size = 1\n        }", ""),
+            "disk {",
+            "config.disk",
+            "not a block of the qemu driver's config",
+        ),
+        (
+            today_job("", "").replace(
+                "          http = 8080\n",
+                "          http = 8080\n          tcp {\n          }\n",
+            ),
+            "tcp {",
+            "config.port_map.tcp",
+            "expected label = guest_port",
+        ),
+        (
+            artifact("        mode = \"symlink\""),
+            "symlink",
+            "artifact.mode",
+            "not an artifact mode",
+        ),
+        (
+            artifact("        getter = \"git\""),
+            "getter",
+            "artifact.getter",
+            "not a field of artifact",
+        ),
+        (
+            artifact("        options {\n          depth = 1\n        }"),
+            "depth",
+            "artifact.options.depth",
+            "takes checksum and archive, not depth",
+        ),
+        (
+            artifact(&format!(
+                "        options {{\n          checksum = \"md5:{}\"\n        }}",
+                "f".repeat(32)
+            )),
+            "ffff",
+            "artifact.options.checksum",
+            "differs from the checksum in the source URL",
+        ),
+        (
+            artifact("        options = \"x\""),
+            "options = ",
+            "artifact.options",
+            "expected a map of options",
+        ),
+        (
+            artifact("        meta {\n        }"),
+            "meta {",
+            "artifact.meta",
+            "not a block of artifact",
+        ),
+        (
+            job_with_task(
+                "      artifact {\n        destination = \"local/\"\n      }\n      config {\n        image_path = \"local/x.img\"\n        port_map = { http = 80 }\n      }",
+            ),
+            "artifact {",
+            "artifact.source",
+            "is required",
+        ),
+        (
+            today_job("", "      resources {\n        gpu = 1\n      }"),
+            "gpu",
+            "resources.gpu",
+            "not a field of resources",
+        ),
+        (
+            today_job(
+                "",
+                "      resources {\n        limits {\n        }\n      }",
+            ),
+            "limits",
+            "resources.limits",
+            "not a block of resources",
+        ),
+        (
+            today_job("", "      restart {\n        policy {\n        }\n      }"),
+            "policy",
+            "restart.policy",
+            "not a block of restart",
+        ),
+        (
+            today_job("", "").replacen("    network {\n", "    network {\n      mtu = 1500\n", 1),
+            "mtu",
+            "network.mtu",
+            "not a field of network",
+        ),
+        (
+            today_job("", "").replacen(
+                "    network {\n",
+                "    network {\n      bridge {\n      }\n",
+                1,
+            ),
+            "bridge",
+            "network.bridge",
+            "not a block of network",
+        ),
+        (
+            today_job("", "").replace("static = 18080", "static = 18080\n        label = \"x\""),
+            "label",
+            "network.port \"http\".label",
+            "not a field of a port",
+        ),
+        (
+            today_job("", "").replacen("  group \"g\" {\n", "  group \"g\" {\n    weight = 1\n", 1),
+            "weight",
+            "group.weight",
+            "not a field of a group",
+        ),
+        (
+            today_job("", "").replacen("job \"j\" {\n", "job \"j\" {\n  owner = \"me\"\n", 1),
+            "owner",
+            "job.owner",
+            "not a field of a job",
+        ),
+        (
+            format!("x = 1\n{}", today_job("", "")),
+            "x = 1",
+            "x",
+            "not part of a job file",
+        ),
+        (
+            job_with_task(&format!(
+                "      config {{\n        image_source = \"http://h/x.iso\"\n        checksum = \"{MD5}\"\n        guest_port = 80\n      }}"
+            )),
+            "guest_port",
+            "config.host_port",
+            "is required with guest_port",
+        ),
+    ];
+    for (text, needle, field, why) in cases {
+        refused(&text, needle, field, why);
+    }
 }
