@@ -104,13 +104,19 @@ pub fn convert(file: &Block, wanted: Option<&str>) -> Result<Converted, JobError
         .iter()
         .filter(|c| !std::ptr::eq(c.task, chosen.task))
     {
+        let why = if other.driver == "qemu" {
+            "not run: one task runs at a time here (name it with --task to run it instead)"
+                .to_string()
+        } else {
+            format!(
+                "not run: only qemu tasks run here, and its driver is {:?}",
+                other.driver
+            )
+        };
         ctx.warn(
             other.task.line,
             format!("task {:?}", other.full_name()),
-            format!(
-                "not run: only one task runs here, and this one's driver is {:?}",
-                other.driver
-            ),
+            why,
         );
     }
 
