@@ -10,6 +10,7 @@ pub mod digest;
 pub mod dirs;
 pub mod fetch;
 pub mod fingerprint;
+pub mod jobfile;
 pub mod kvm;
 pub mod launcher;
 pub mod logtail;

@@ -2,6 +2,7 @@
 //! calls into the library and maps the outcome to an exit code.
 
 mod cache;
+mod convert;
 mod fetch;
 mod fingerprint;
 mod policy;
@@ -80,6 +81,8 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// Check a policy component against a task, or run its table of cases.
     Policy(policy::PolicyArgs),
+    /// Print the task file (TOML) equivalent to a job file's qemu task.
+    Convert(convert::ConvertArgs),
 }
 
 impl GlobalOpts {
@@ -124,6 +127,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Fetch(args) => fetch::run(args, &cli.global).await,
             Command::Cache(args) => cache::run(args, &cli.global).await,
             Command::Policy(args) => policy::run(args, &cli.global).await,
+            Command::Convert(args) => convert::run(args, &cli.global).await,
         }
     })
 }

@@ -1,4 +1,4 @@
-//! `qemu-executor run TASK [--policy FILE[=SETTINGS_JSON]]...`
+//! `qemu-executor run TASK [--task NAME] [--policy FILE[=SETTINGS_JSON]]...`
 //!
 //! Prints what a person at the terminal needs on stdout (the policy diff,
 //! the accelerator, one `ready:` line per port, how the VM ended); the step
@@ -18,8 +18,12 @@ use super::{GlobalOpts, say};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Task file (.toml or .json).
+    /// Task file (.toml, .json) or the scheduler's job file (.hcl, .nomad).
     pub task: PathBuf,
+    /// The job file's qemu task to run, as TASK or GROUP/TASK; needed when
+    /// the job has several.
+    #[arg(long = "task", value_name = "NAME")]
+    pub task_name: Option<String>,
     /// A policy to run before launch, after those of executor.toml:
     /// FILE or FILE=SETTINGS_JSON. Repeatable; order matters.
     #[arg(long = "policy", value_name = "FILE[=SETTINGS_JSON]")]
@@ -27,7 +31,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
-    let task = match qemu_executor::task::load(&args.task) {
+    let task = match qemu_executor::jobfile::load_task(&args.task, args.task_name.as_deref()) {
         Ok(task) => task,
         Err(e) => {
             super::print_error(&e);
