@@ -90,7 +90,11 @@ impl Inspection {
                 import.kind, import.name
             ));
         }
-        if let Some(problem) = &self.metadata_problem {
+        // Without a supported contract the metadata cannot be asked for;
+        // that is said above already.
+        if let Some(problem) = &self.metadata_problem
+            && self.contract_supported()
+        {
             problems.push(format!("Its metadata: {problem}"));
         }
         problems

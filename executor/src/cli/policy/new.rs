@@ -76,7 +76,10 @@ pub fn run(args: NewArgs) -> anyhow::Result<ExitCode> {
         Err(err) => return Ok(report_error(&err, EXIT_BAD_INPUT)),
     };
     let root = args.dir.join(&args.name);
-    let files = render(&args.name, &sdk)?;
+    let mut files = render(&args.name, &sdk)?;
+    if let Some(lock) = sdk_lock(&sdk) {
+        files.push(("Cargo.lock", lock));
+    }
     if let Err(err) = create(&root, &files) {
         return Ok(report_error(&err, EXIT_BAD_INPUT));
     }
@@ -158,6 +161,14 @@ fn render(name: &str, sdk: &Path) -> anyhow::Result<Vec<(&'static str, String)>>
         .collect())
 }
 
+/// The SDK workspace's `Cargo.lock`, if it has one: the new crate starts
+/// from it, so that it builds with the dependency versions the SDK was
+/// tested with (and without asking the registry); Cargo trims it to what
+/// the crate uses.
+fn sdk_lock(sdk: &Path) -> Option<String> {
+    fs::read_to_string(sdk.parent()?.join("Cargo.lock")).ok()
+}
+
 /// The SDK to depend on, as an absolute path: `--sdk`, else the one this
 /// binary was built from.
 fn find_sdk(given: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -201,7 +212,7 @@ fn find_sdk(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 
 /// Writes the crate into `root`, which must not exist yet; on failure
 /// removes what it created, so nothing is left half made.
-fn create(root: &Path, files: &[(&str, String)]) -> anyhow::Result<()> {
+fn create(root: &Path, files: &[(&'static str, String)]) -> anyhow::Result<()> {
     if root.exists() {
         anyhow::bail!(
             "{} already exists; choose another name or --dir",
