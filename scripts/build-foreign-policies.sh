@@ -13,6 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 out_dir=${QE_FOREIGN_POLICY_DIR:-$target_dir/foreign-policies}
+mkdir -p "$out_dir"
+out_dir=$(cd "$out_dir" && pwd)
 policies/python/accel-fallback/build.sh "$out_dir" >/dev/null
 policies/js/port-range/build.sh "$out_dir" >/dev/null
 echo "$out_dir"

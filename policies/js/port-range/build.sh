@@ -23,6 +23,10 @@ log() { printf 'port-range (js): %s\n' "$*" >&2; }
 
 command -v node >/dev/null || { log "needs Node.js (node) and npm"; exit 1; }
 mkdir -p "$out_dir" "$tools"
+# Absolute: the build runs from the tools directory.
+out_dir=$(cd "$out_dir" && pwd)
+tools=$(cd "$tools" && pwd)
+out=$out_dir/port_range_js.wasm
 
 # The tools: npm ci from the lock file whenever it changed.
 if ! cmp -s "$js/package-lock.json" "$tools/package-lock.json" \

@@ -21,7 +21,11 @@ componentize_py_version=0.25.1
 
 log() { printf 'accel-fallback (python): %s\n' "$*" >&2; }
 
-mkdir -p "$out_dir"
+mkdir -p "$out_dir" "$(dirname "$venv")"
+# Absolute: the build runs from a scratch directory.
+out_dir=$(cd "$out_dir" && pwd)
+venv=$(cd "$(dirname "$venv")" && pwd)/$(basename "$venv")
+out=$out_dir/accel_fallback_py.wasm
 if [ "$("$venv/bin/componentize-py" --version 2>/dev/null)" != "componentize-py $componentize_py_version" ]; then
     log "installing componentize-py $componentize_py_version into $venv"
     python3 -m venv "$venv" >&2
