@@ -22,6 +22,12 @@ if [ -x scripts/build-policies.sh ]; then
     QE_POLICY_DIR=$(scripts/build-policies.sh)
 fi
 
+step "policies in Python and JavaScript"
+# componentize-py and componentize-js at pinned versions, from PyPI and npm;
+# tests/tests/policy_langs.rs holds them to their Rust twins' CASES.toml.
+export QE_FOREIGN_POLICY_DIR
+QE_FOREIGN_POLICY_DIR=$(scripts/build-foreign-policies.sh)
+
 step "tests"
 cargo build --workspace --locked
 cargo test --workspace --locked -- --test-threads "${QE_TEST_THREADS:-2}"

@@ -3,16 +3,27 @@
 //! shipped policy and for the chain of four, next to the same logic as
 //! plain native Rust.
 //!
-//! Build the components first (`scripts/build-policies.sh`), then
+//! Then the same for the policies written in Python and JavaScript next to
+//! their Rust twins: size, compile, load from the cache, one evaluation in a
+//! fresh instance, and the least memory limit under which they evaluate.
+//!
+//! Build the components first (`scripts/build-policies.sh`, and
+//! `scripts/build-foreign-policies.sh` for the second part), then
 //! `cargo bench -p qemu-executor --bench policy`. Not a timed test: it
 //! prints median, min and max over N runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use policy_sdk::testing::default_facts;
 use policy_sdk::{HostFacts, KvmStatus, Policy, Task};
-use qemu_executor::policy::{Chain, ChainOutcome, EngineOptions, PolicyEngine, PolicySpec};
+use qemu_executor::policy::{Chain, ChainOutcome, EngineOptions, Limits, PolicyEngine, PolicySpec};
+
+/// (component in the foreign-policies directory, Rust twin crate).
+const FOREIGN: [(&str, &str); 2] = [
+    ("accel_fallback_py.wasm", "accel-fallback"),
+    ("port_range_js.wasm", "port-range"),
+];
 
 /// (crate, settings): settings chosen so that each policy does real work
 /// on the task below (two of them rewrite it).
@@ -139,6 +150,110 @@ fn main() {
     native::<port_range::PortRange>("port-range", &task, &facts);
     native::<resource_caps::ResourceCaps>("resource-caps", &task, &facts);
     native::<image_allowlist::ImageAllowlist>("image-allowlist", &task, &facts);
+
+    foreign(&wasm, scratch.path(), &task, &facts);
+}
+
+/// The Python and JavaScript twins against the Rust policies, under the
+/// default limits (the settings are the Rust twin's from [`POLICIES`]).
+fn foreign(rust_wasm: &dyn Fn(&str) -> PathBuf, scratch: &Path, task: &Task, facts: &HostFacts) {
+    let dir = foreign_dir();
+    println!();
+    for (file, twin) in FOREIGN {
+        let path = dir.join(file);
+        if !path.exists() {
+            println!(
+                "{} is missing: run scripts/build-foreign-policies.sh (or set QE_FOREIGN_POLICY_DIR)",
+                path.display()
+            );
+            continue;
+        }
+        let settings = POLICIES.iter().find(|(n, _)| *n == twin).unwrap().1;
+        for (label, module) in [
+            (file.to_string(), path.clone()),
+            (twin.to_string(), rust_wasm(twin)),
+        ] {
+            let size = std::fs::metadata(&module).expect("size").len();
+            println!(
+                "{:<44} {:>12}",
+                format!("size {label}"),
+                format!("{:.1} KiB", size as f64 / 1024.0)
+            );
+            let spec = PolicySpec::new(&module).with_settings(settings);
+            let mut i = 0;
+            report(&format!("compile {label}"), 2, || {
+                i += 1;
+                let engine =
+                    PolicyEngine::new(&scratch.join(format!("fc-{label}-{i}"))).expect("engine");
+                let started = Instant::now();
+                Chain::load(&engine, std::slice::from_ref(&spec)).expect("load");
+                started.elapsed()
+            });
+            let engine = PolicyEngine::new(&scratch.join("foreign-artifacts")).expect("engine");
+            Chain::load(&engine, std::slice::from_ref(&spec)).expect("warm the cache");
+            report(&format!("load from cache {label}"), 20, || {
+                let started = Instant::now();
+                Chain::load(&engine, std::slice::from_ref(&spec)).expect("load");
+                started.elapsed()
+            });
+            let chain = Chain::load(&engine, std::slice::from_ref(&spec)).expect("load");
+            report(&format!("evaluate {label}"), 500, || {
+                let started = Instant::now();
+                let outcome = chain.evaluate_blocking(task.clone(), facts);
+                let took = started.elapsed();
+                assert!(outcome.rewritten(), "{outcome:?}");
+                took
+            });
+            println!(
+                "{:<44} {:>12}",
+                format!("least memory limit {label}"),
+                least_memory_mb(&engine, &spec, task, facts)
+                    .map_or_else(|| "over 64 MiB".to_string(), |mb| format!("{mb} MiB"))
+            );
+        }
+    }
+}
+
+/// The smallest memory limit, in MiB up to the default 64, under which the
+/// policy loads and rewrites the task (bisection: more memory never hurts).
+fn least_memory_mb(
+    engine: &PolicyEngine,
+    spec: &PolicySpec,
+    task: &Task,
+    facts: &HostFacts,
+) -> Option<u64> {
+    let works = |mb: u64| {
+        let mut spec = spec.clone();
+        spec.limits = Limits {
+            memory: mb << 20,
+            ..Limits::default()
+        };
+        Chain::load(engine, &[spec])
+            .map(|chain| chain.evaluate_blocking(task.clone(), facts).rewritten())
+            .unwrap_or(false)
+    };
+    if !works(64) {
+        return None;
+    }
+    let (mut low, mut high) = (0, 64);
+    while high - low > 1 {
+        let mid = (low + high) / 2;
+        if works(mid.max(1)) {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    Some(high.max(1))
+}
+
+/// `QE_FOREIGN_POLICY_DIR`, else `foreign-policies` in this benchmark's
+/// target directory, where `scripts/build-foreign-policies.sh` builds.
+fn foreign_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("QE_FOREIGN_POLICY_DIR") {
+        return PathBuf::from(dir);
+    }
+    target_dir().join("foreign-policies")
 }
 
 /// The same policy called as a Rust function, settings parsed each time as
@@ -191,11 +306,14 @@ fn policy_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("QE_POLICY_DIR") {
         return PathBuf::from(dir);
     }
+    target_dir().join("wasm32-wasip2/release")
+}
+
+fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("benchmark path");
-    let target = exe
-        .parent()
+    exe.parent()
         .and_then(|deps| deps.parent())
         .and_then(|profile| profile.parent())
-        .expect("benchmark sits in <target>/<profile>/deps");
-    target.join("wasm32-wasip2/release")
+        .expect("benchmark sits in <target>/<profile>/deps")
+        .to_path_buf()
 }

@@ -158,6 +158,41 @@ pub fn default_facts() -> HostFacts {
     }
 }
 
+/// A task for a policy's own unit tests, from task-file fields (as in a
+/// task `.toml`) merged over the base every case starts from (`name =
+/// "case"`, an `image_source` and a sha256 checksum of zeros), with the
+/// executor's defaults and validation applied. Panics, saying why, when the
+/// fields do not make a valid task.
+///
+/// ```
+/// let task = policy_sdk::testing::task("memory_mb = 8192\nhost_port = 8080\nguest_port = 80");
+/// assert_eq!(task.memory_mb, 8192);
+/// assert_eq!(task.ports[0].host, 8080);
+/// ```
+pub fn task(fields: &str) -> Task {
+    let table: toml::Table =
+        toml::from_str(fields).unwrap_or_else(|e| panic!("task fields are not TOML: {e}"));
+    let file: crate::taskfile::TaskFile = toml::Value::Table(merge(base_task(), &table))
+        .try_into()
+        .unwrap_or_else(|e| panic!("task fields: {e}"));
+    file.into_task()
+        .unwrap_or_else(|e| panic!("task is invalid: {e}"))
+}
+
+fn base_task() -> toml::Table {
+    let mut base = toml::Table::new();
+    base.insert("name".into(), "case".into());
+    base.insert(
+        "image_source".into(),
+        "https://images.example.org/guest.qcow2".into(),
+    );
+    base.insert(
+        "checksum".into(),
+        format!("sha256:{}", "0".repeat(64)).into(),
+    );
+    base
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CasesFile {
@@ -210,16 +245,7 @@ pub fn parse_cases(text: &str) -> Result<Vec<Case>, CasesError> {
     if file.case.is_empty() {
         return Err(CasesError("No [[case]] in the file".into()));
     }
-    let mut base_task = toml::Table::new();
-    base_task.insert("name".into(), "case".into());
-    base_task.insert(
-        "image_source".into(),
-        "https://images.example.org/guest.qcow2".into(),
-    );
-    base_task.insert(
-        "checksum".into(),
-        format!("sha256:{}", "0".repeat(64)).into(),
-    );
+    let base_task = base_task();
     let base_facts = match serde_json::to_value(default_facts()) {
         Ok(Value::Object(map)) => map,
         _ => unreachable!("HostFacts serializes to an object"),

@@ -10,7 +10,7 @@ pub mod proc;
 
 mod policies;
 
-pub use policies::{policy_dir, policy_wasm};
+pub use policies::{foreign_policy_dir, foreign_policy_wasm, policy_dir, policy_wasm};
 
 use std::path::PathBuf;
 

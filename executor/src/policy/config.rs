@@ -54,6 +54,21 @@ pub struct LimitsConfig {
     pub memory_mb: Option<u64>,
 }
 
+impl LimitsConfig {
+    /// The limits, defaults filled in (not yet validated: see
+    /// [`Limits::validate`]). `policy check|test|inspect` take the same two
+    /// numbers as `--time-limit-ms` and `--memory-limit-mb`.
+    pub fn resolve(&self) -> Limits {
+        let defaults = Limits::default();
+        Limits {
+            time: self.time_ms.map_or(defaults.time, Duration::from_millis),
+            memory: self
+                .memory_mb
+                .map_or(defaults.memory, |mb| mb.saturating_mul(1 << 20)),
+        }
+    }
+}
+
 impl PolicyConfig {
     /// Checks what can be checked without loading the module, naming the
     /// field.
@@ -83,17 +98,7 @@ impl PolicyConfig {
     }
 
     pub fn limits(&self) -> Limits {
-        let defaults = Limits::default();
-        Limits {
-            time: self
-                .limits
-                .time_ms
-                .map_or(defaults.time, Duration::from_millis),
-            memory: self
-                .limits
-                .memory_mb
-                .map_or(defaults.memory, |mb| mb.saturating_mul(1 << 20)),
-        }
+        self.limits.resolve()
     }
 
     /// The spec to load, with a relative `module` resolved against

@@ -26,14 +26,15 @@ mod bindings {
     });
 }
 
+use bindings::Policy as PolicyBindings;
+pub(crate) use bindings::PolicyPre;
 pub(crate) use bindings::qemu_executor::policy::types as wit;
-use bindings::{Policy as PolicyBindings, PolicyPre};
 
 /// How often the epoch advances while a policy runs: the granularity of
 /// time limits.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The exported interface a policy must provide, without its version.
-const EVALUATOR: &str = "qemu-executor:policy/evaluator";
+pub(crate) const EVALUATOR: &str = "qemu-executor:policy/evaluator";
 /// Instances the pooling allocator keeps ready; evaluations beyond this many
 /// at once wait (2 cores gain nothing from more).
 const POOL_INSTANCES: u32 = 64;
@@ -121,6 +122,27 @@ impl PolicyEngine {
         self.inner.slots.clone()
     }
 
+    pub(crate) fn wasmtime(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The WASI world every policy is linked against: what the host grants.
+    pub(crate) fn linker(&self) -> &wasmtime::component::Linker<GuestState> {
+        &self.inner.linker
+    }
+
+    /// The compiled form of a module's bytes, from the cache or compiled now.
+    pub(crate) fn compile(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        digest: &str,
+    ) -> Result<(Component, Origin), PolicyError> {
+        self.inner
+            .cache
+            .component(&self.inner.engine, path, bytes, digest)
+    }
+
     /// Reads, checks and compiles (or reads back from the cache) one
     /// policy, reads its metadata and has it check its settings. Blocking.
     pub(crate) fn load(&self, spec: &PolicySpec) -> Result<LoadedPolicy, PolicyError> {
@@ -150,10 +172,7 @@ impl PolicyEngine {
             }
         }
         let started = Instant::now();
-        let (component, origin) =
-            self.inner
-                .cache
-                .component(&self.inner.engine, path, &bytes, &digest)?;
+        let (component, origin) = self.compile(path, &bytes, &digest)?;
         check_contract(&self.inner.engine, &component, path)?;
         let link = |err| PolicyError::Link {
             path: path.clone(),
@@ -219,7 +238,7 @@ impl PolicyEngine {
     }
 }
 
-fn read_module(path: &Path) -> Result<Vec<u8>, PolicyError> {
+pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>, PolicyError> {
     let read_err = |source| PolicyError::Read {
         path: path.to_path_buf(),
         source,
@@ -237,12 +256,7 @@ fn read_module(path: &Path) -> Result<Vec<u8>, PolicyError> {
 /// of a contract version this executor does not speak (0.x versions are
 /// compatible when their minor versions match, as in Cargo).
 fn check_contract(engine: &Engine, component: &Component, path: &Path) -> Result<(), PolicyError> {
-    let ty = component.component_type();
-    let found = ty.exports(engine).find_map(|(name, _)| {
-        let (interface, version) = name.split_once('@').unwrap_or((name, ""));
-        (interface == EVALUATOR).then(|| version.to_string())
-    });
-    let Some(found) = found else {
+    let Some(found) = evaluator_version(engine, component) else {
         return Err(PolicyError::NotAPolicy {
             path: path.to_path_buf(),
         });
@@ -261,6 +275,18 @@ fn check_contract(engine: &Engine, component: &Component, path: &Path) -> Result
     Ok(())
 }
 
+/// The version of the `evaluator` interface a component exports (empty when
+/// unversioned), read from its type; `None` when it exports none.
+pub(crate) fn evaluator_version(engine: &Engine, component: &Component) -> Option<String> {
+    component
+        .component_type()
+        .exports(engine)
+        .find_map(|(name, _)| {
+            let (interface, version) = name.split_once('@').unwrap_or((name, ""));
+            (interface == EVALUATOR).then(|| version.to_string())
+        })
+}
+
 /// Cargo's rule: `0.y.*` matches `0.y.*`, `x.*` matches `x.*` for x > 0.
 pub(crate) fn compatible(found: &str, supported: &str) -> bool {
     let parse = |v: &str| -> Option<(u64, u64)> {
@@ -276,7 +302,7 @@ pub(crate) fn compatible(found: &str, supported: &str) -> bool {
     }
 }
 
-fn check_metadata(m: &Metadata) -> Result<(), String> {
+pub(crate) fn check_metadata(m: &Metadata) -> Result<(), String> {
     let ok_chars = |s: &str| {
         s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
@@ -307,7 +333,7 @@ pub(crate) struct LoadedPolicy {
     pre: PolicyPre<GuestState>,
 }
 
-type Evaluator = bindings::exports::qemu_executor::policy::evaluator::Guest;
+pub(crate) type Evaluator = bindings::exports::qemu_executor::policy::evaluator::Guest;
 
 impl LoadedPolicy {
     /// Asks the policy about one task, in a fresh instance. Blocking.
@@ -345,45 +371,51 @@ impl LoadedPolicy {
         Ok(decision)
     }
 
-    /// Runs `f` against a fresh instance in a fresh store under this
-    /// policy's limits, and turns whatever stopped it into a [`Fault`].
     fn call<R>(
         &self,
         f: impl FnOnce(&mut Store<GuestState>, &Evaluator) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        let inner = &self.engine.inner;
-        let mut store = Store::new(&inner.engine, GuestState::new(self.limits.memory));
-        store.limiter(|state| &mut state.limiter);
-        store.set_epoch_deadline(deadline_ticks(self.limits.time));
-        store.epoch_deadline_trap();
-        let _running = inner.ticker.running();
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|instance: PolicyBindings| {
-                f(&mut store, instance.qemu_executor_policy_evaluator())
-            });
-        result.map_err(|err| self.fault(&store, err))
+        call_fresh(&self.engine, &self.pre, self.limits, f)
     }
+}
 
-    fn fault(&self, store: &Store<GuestState>, err: wasmtime::Error) -> Fault {
-        if store.data().limiter.memory_hit {
-            return Fault::Memory {
-                limit: self.limits.memory,
-            };
-        }
-        if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
-            return Fault::Timeout {
-                limit: self.limits.time,
-            };
-        }
-        if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
-            return Fault::Exit { code: exit.0 };
-        }
-        Fault::Trap {
-            message: super::chain::one_line(&err.root_cause().to_string()),
-            stderr: store.data().stderr_text(),
-        }
+/// Runs `f` against a fresh instance of `pre` in a fresh store under
+/// `limits`, and turns whatever stopped it into a [`Fault`].
+pub(crate) fn call_fresh<R>(
+    engine: &PolicyEngine,
+    pre: &PolicyPre<GuestState>,
+    limits: Limits,
+    f: impl FnOnce(&mut Store<GuestState>, &Evaluator) -> wasmtime::Result<R>,
+) -> Result<R, Fault> {
+    let inner = &engine.inner;
+    let mut store = Store::new(&inner.engine, GuestState::new(limits.memory));
+    store.limiter(|state| &mut state.limiter);
+    store.set_epoch_deadline(deadline_ticks(limits.time));
+    store.epoch_deadline_trap();
+    let _running = inner.ticker.running();
+    let result = pre
+        .instantiate(&mut store)
+        .and_then(|instance: PolicyBindings| {
+            f(&mut store, instance.qemu_executor_policy_evaluator())
+        });
+    result.map_err(|err| fault(&store, limits, err))
+}
+
+fn fault(store: &Store<GuestState>, limits: Limits, err: wasmtime::Error) -> Fault {
+    if store.data().limiter.memory_hit {
+        return Fault::Memory {
+            limit: limits.memory,
+        };
+    }
+    if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+        return Fault::Timeout { limit: limits.time };
+    }
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Fault::Exit { code: exit.0 };
+    }
+    Fault::Trap {
+        message: super::chain::one_line(&err.root_cause().to_string()),
+        stderr: store.data().stderr_text(),
     }
 }
 

@@ -5,6 +5,8 @@
 //!   and the on-disk cache of compiled policies.
 //! - [`Chain`]: the operator's policies, loaded (compiled or read back from
 //!   the cache, metadata read, settings checked) and run in order.
+//! - [`Inspection`]: what a module is and whether it would load, for
+//!   `qemu-executor policy inspect` ([`PolicyEngine::inspect`]).
 //! - [`PolicySpec`]: one policy to load, from `executor.toml`
 //!   ([`config::PolicyConfig`]) or from `--policy FILE[=SETTINGS_JSON]`.
 //!
@@ -18,6 +20,7 @@ pub mod config;
 mod convert;
 pub mod diff;
 mod host;
+mod inspect;
 mod wasi;
 
 use std::fmt;
@@ -27,6 +30,7 @@ use std::time::Duration;
 pub use chain::{Chain, ChainOutcome, PolicyInfo, Step, StepDecision};
 pub use diff::FieldChange;
 pub use host::{EngineOptions, PolicyEngine};
+pub use inspect::{Import, Inspection};
 
 /// The contract version this executor speaks (the WIT package version).
 pub const CONTRACT_VERSION: &str = policy_sdk::CONTRACT_VERSION;

@@ -1,5 +1,9 @@
-//! `qemu-executor policy check|test`: run a policy component outside of a
-//! launch, with exactly the engine, limits and chain code `run` uses.
+//! `qemu-executor policy check|test|inspect|new`: run a policy component
+//! outside of a launch, with exactly the engine, limits and chain code `run`
+//! uses; say what a module is; start a new policy crate.
+
+mod inspect;
+mod new;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +13,10 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use policy_sdk::testing::{self, Outcome};
 use policy_sdk::{HostFacts, Task};
-use qemu_executor::policy::{self, Chain, ChainOutcome, PolicyEngine, PolicyError, PolicySpec};
+use qemu_executor::policy::config::LimitsConfig;
+use qemu_executor::policy::{
+    self, Chain, ChainOutcome, Limits, PolicyEngine, PolicyError, PolicySpec,
+};
 use serde_json::json;
 
 use super::GlobalOpts;
@@ -37,6 +44,36 @@ pub enum PolicyCommand {
     /// Run a table of cases (CASES.toml) against a policy component; one
     /// line per case, then `N passed, N failed`.
     Test(TestArgs),
+    /// Say what a policy component is: metadata, contract version, size,
+    /// sha256 and imports, and whether this executor would load it. Exit 0
+    /// if it would, 2 if not, 3 if the policy failed when asked for its
+    /// metadata.
+    Inspect(inspect::InspectArgs),
+    /// Create a Rust policy crate, ready to build and test, from the SDK.
+    New(new::NewArgs),
+}
+
+/// The limits a policy runs under, as `limits = { time_ms, memory_mb }` of
+/// a `[[policy]]` entry in executor.toml; the defaults are `run`'s.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LimitArgs {
+    /// Wall-clock limit of each call into the policy, in milliseconds
+    /// [default: 100].
+    #[arg(long, value_name = "MS")]
+    pub time_limit_ms: Option<u64>,
+    /// Memory limit of the policy, in MiB [default: 64].
+    #[arg(long, value_name = "MIB")]
+    pub memory_limit_mb: Option<u64>,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        LimitsConfig {
+            time_ms: self.time_limit_ms,
+            memory_mb: self.memory_limit_mb,
+        }
+        .resolve()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +94,8 @@ pub struct CheckArgs {
     /// `sha256` pin of a `[[policy]]` entry does).
     #[arg(long)]
     pub sha256: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -65,12 +104,16 @@ pub struct TestArgs {
     pub policy: PathBuf,
     /// The cases file.
     pub cases: PathBuf,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 pub async fn run(args: PolicyArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
     match args.command {
         PolicyCommand::Check(args) => check(args, global).await,
         PolicyCommand::Test(args) => test(args, global).await,
+        PolicyCommand::Inspect(args) => inspect::run(args, global).await,
+        PolicyCommand::New(args) => new::run(args),
     }
 }
 
@@ -100,6 +143,7 @@ async fn check(args: CheckArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
     let engine = engine(global)?;
     let mut spec = PolicySpec::new(&args.policy).with_settings(settings);
     spec.sha256 = args.sha256;
+    spec.limits = args.limits.limits();
     let chain = match load(&engine, spec).await? {
         Ok(chain) => chain,
         Err(err) => {
@@ -171,7 +215,8 @@ async fn test(args: TestArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
     let (mut passed, mut failed) = (0, 0);
     for case in &cases {
         if !chains.contains_key(&case.settings) {
-            let spec = PolicySpec::new(&args.policy).with_settings(case.settings.clone());
+            let mut spec = PolicySpec::new(&args.policy).with_settings(case.settings.clone());
+            spec.limits = args.limits.limits();
             let loaded = match load(&engine, spec).await? {
                 Ok(chain) => Ok(chain),
                 Err(PolicyError::BadSettings { message, .. }) => Err(message),
@@ -242,7 +287,7 @@ async fn load(
         .context("Policy loading thread failed")
 }
 
-fn engine(global: &GlobalOpts) -> anyhow::Result<PolicyEngine> {
+pub(super) fn engine(global: &GlobalOpts) -> anyhow::Result<PolicyEngine> {
     Ok(PolicyEngine::new(&policy::artifact_dir(
         &global.cache_dir(),
     ))?)
@@ -269,7 +314,7 @@ fn read_settings(arg: Option<&str>) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn report_error(err: &anyhow::Error, code: u8) -> ExitCode {
+pub(super) fn report_error(err: &anyhow::Error, code: u8) -> ExitCode {
     eprintln!("error: {err}");
     for cause in err.chain().skip(1) {
         eprintln!("  caused by: {cause}");
