@@ -14,12 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::logtail::LogTail;
 use crate::qemu::cmdline::{BootMedium, CmdlineError, Confinement, QemuCommand};
-use crate::qemu::process::{ProcessError, QemuProcess, Spawn};
+use crate::qemu::process::{ProcessError, Spawn, VmProcess};
 use crate::qemu::qmp::{Event, Qmp, QmpError};
+use crate::qemu::shim::ShimSpawn;
 use crate::readiness;
 
 /// How long qemu gets to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a running qemu gets to answer on its QMP socket when adopted.
+const ADOPT_QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// After `quit`, how long before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// How often logs are read while the guest boots.
@@ -145,12 +148,79 @@ pub struct Launch<'a> {
     pub dir: &'a TaskDir,
     pub extra_args: &'a [String],
     pub confinement: Confinement,
-    pub die_with_parent: bool,
+    pub spawn: &'a SpawnMode,
+}
+
+/// How qemu is started.
+#[derive(Debug, Clone)]
+pub enum SpawnMode {
+    /// As our own child. With `die_with_parent` it is killed when we die
+    /// (`run`, where nothing else would ever stop it).
+    Direct { die_with_parent: bool },
+    /// Under a shim in a session of its own, so that it outlives us and
+    /// its exit status is kept (the agent).
+    Shim(ShimSettings),
+}
+
+/// What the shim needs besides qemu's command line.
+#[derive(Debug, Clone)]
+pub struct ShimSettings {
+    /// The `qemu-executor` binary that runs `shim`.
+    pub exe: PathBuf,
+    pub exit_record: PathBuf,
+    pub cgroups: Vec<PathBuf>,
+    pub mount_namespace: bool,
+}
+
+/// A stop request: graceful, with the kill timeout the requester gave (or
+/// the task's own). Cheap to clone; every clone sees the same request.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    timeout: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
+}
+
+impl StopSignal {
+    /// A stop signal that fires when `token` is cancelled.
+    pub fn from_token(token: CancellationToken) -> Self {
+        StopSignal {
+            token,
+            timeout: Default::default(),
+        }
+    }
+
+    /// Asks for a stop; `timeout` overrides the task's kill timeout.
+    pub fn request(&self, timeout: Option<Duration>) {
+        if let Some(t) = timeout {
+            *self.timeout.lock().expect("stop timeout poisoned") = Some(t);
+        }
+        self.token.cancel();
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub async fn requested(&self) {
+        self.token.cancelled().await;
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// The kill timeout for this stop: the requester's, else `default`.
+    pub fn kill_timeout(&self, default: Duration) -> Duration {
+        self.timeout
+            .lock()
+            .expect("stop timeout poisoned")
+            .unwrap_or(default)
+    }
 }
 
 /// A running qemu with its QMP session.
 pub struct Vm {
-    pub process: QemuProcess,
+    pub process: VmProcess,
     pub qmp: Qmp,
     events: broadcast::Receiver<Event>,
     pub dir: TaskDir,
@@ -196,14 +266,32 @@ impl Launch<'_> {
         // vain.
         let _ = std::fs::remove_file(self.dir.qmp_socket());
         let log_start = std::fs::metadata(self.dir.qemu_log()).map_or(0, |m| m.len());
-        let mut process = Spawn {
-            binary: self.qemu,
-            args: &argv,
-            dir: &self.dir.root,
-            log: &self.dir.qemu_log(),
-            die_with_parent: self.die_with_parent,
-        }
-        .start()?;
+        let mut process = match self.spawn {
+            SpawnMode::Direct { die_with_parent } => VmProcess::Child(
+                Spawn {
+                    binary: self.qemu,
+                    args: &argv,
+                    dir: &self.dir.root,
+                    log: &self.dir.qemu_log(),
+                    die_with_parent: *die_with_parent,
+                }
+                .start()?,
+            ),
+            SpawnMode::Shim(shim) => VmProcess::Shimmed(
+                ShimSpawn {
+                    exe: &shim.exe,
+                    qemu: self.qemu,
+                    args: &argv,
+                    dir: &self.dir.root,
+                    log: &self.dir.qemu_log(),
+                    exit_record: &shim.exit_record,
+                    cgroups: &shim.cgroups,
+                    mount_namespace: shim.mount_namespace,
+                }
+                .start()
+                .await?,
+            ),
+        };
         let socket = self.dir.qmp_socket();
         let qmp = tokio::select! {
             qmp = Qmp::connect(&socket, QMP_CONNECT_TIMEOUT) => qmp,
@@ -247,6 +335,23 @@ pub struct BootWatch<'a> {
 }
 
 impl Vm {
+    /// Takes over a running qemu that an earlier agent started: connects
+    /// to its QMP socket (qemu accepts a new client once the old one is
+    /// gone).
+    pub async fn adopt(process: VmProcess, dir: TaskDir) -> Result<Vm, SuperviseError> {
+        let qmp = Qmp::connect(&dir.qmp_socket(), ADOPT_QMP_TIMEOUT).await?;
+        let events = qmp.events();
+        let log_start = std::fs::metadata(dir.qemu_log()).map_or(0, |m| m.len());
+        Ok(Vm {
+            process,
+            qmp,
+            events,
+            dir,
+            shutdown_by_guest: false,
+            log_start,
+        })
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
@@ -415,7 +520,7 @@ impl Vm {
     /// the guest to power off (when `graceful`), then `quit`, then SIGKILL
     /// of the process group. Always reaps qemu.
     pub async fn stop(&mut self, graceful: bool, kill_timeout: Duration) -> Ending {
-        if let Ok(Some(status)) = self.process.try_wait() {
+        if let Ok(Some(status)) = self.process.try_wait().await {
             let tail = self.log_tail();
             return self.ending_after_exit(Ok(status), tail);
         }
