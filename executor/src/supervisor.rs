@@ -574,7 +574,7 @@ pub fn kvm_failure(log: &str) -> Option<String> {
         .map(|line| line.trim().to_string())
 }
 
-fn describe_status(status: std::io::Result<std::process::ExitStatus>) -> String {
+pub fn describe_status(status: std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(s) => match (s.code(), s.signal()) {

@@ -52,18 +52,11 @@ impl PidFd {
 
     /// Resolves once the process has exited (it may still be a zombie).
     pub async fn exited(&self) {
-        loop {
-            match self.fd.readable().await {
-                // Readable stays readable: no need to clear readiness.
-                Ok(_guard) => return,
-                Err(e) => {
-                    // Only possible if the reactor is gone; treat the
-                    // process as unobservable, which callers handle as an
-                    // exit.
-                    tracing::warn!(pid = self.pid, error = %e, "cannot wait on pidfd");
-                    return;
-                }
-            }
+        // Readable stays readable once the process is gone: no need to
+        // clear readiness. An error means the reactor is gone; callers
+        // treat that like an exit.
+        if let Err(e) = self.fd.readable().await {
+            tracing::warn!(pid = self.pid, error = %e, "cannot wait on pidfd");
         }
     }
 
