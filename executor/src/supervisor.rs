@@ -19,6 +19,12 @@ use crate::qemu::qmp::{Event, Qmp, QmpError};
 use crate::qemu::shim::ShimSpawn;
 use crate::readiness;
 
+mod spawn;
+mod stop;
+
+pub use spawn::{ShimSettings, SpawnMode};
+pub use stop::StopSignal;
+
 /// How long qemu gets to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a running qemu gets to answer on its QMP socket when adopted.
@@ -149,73 +155,6 @@ pub struct Launch<'a> {
     pub extra_args: &'a [String],
     pub confinement: Confinement,
     pub spawn: &'a SpawnMode,
-}
-
-/// How qemu is started.
-#[derive(Debug, Clone)]
-pub enum SpawnMode {
-    /// As our own child. With `die_with_parent` it is killed when we die
-    /// (`run`, where nothing else would ever stop it).
-    Direct { die_with_parent: bool },
-    /// Under a shim in a session of its own, so that it outlives us and
-    /// its exit status is kept (the agent).
-    Shim(ShimSettings),
-}
-
-/// What the shim needs besides qemu's command line.
-#[derive(Debug, Clone)]
-pub struct ShimSettings {
-    /// The `qemu-executor` binary that runs `shim`.
-    pub exe: PathBuf,
-    pub exit_record: PathBuf,
-    pub cgroups: Vec<PathBuf>,
-    pub mount_namespace: bool,
-}
-
-/// A stop request: graceful, with the kill timeout the requester gave (or
-/// the task's own). Cheap to clone; every clone sees the same request.
-#[derive(Debug, Clone, Default)]
-pub struct StopSignal {
-    token: CancellationToken,
-    timeout: std::sync::Arc<std::sync::Mutex<Option<Duration>>>,
-}
-
-impl StopSignal {
-    /// A stop signal that fires when `token` is cancelled.
-    pub fn from_token(token: CancellationToken) -> Self {
-        StopSignal {
-            token,
-            timeout: Default::default(),
-        }
-    }
-
-    /// Asks for a stop; `timeout` overrides the task's kill timeout.
-    pub fn request(&self, timeout: Option<Duration>) {
-        if let Some(t) = timeout {
-            *self.timeout.lock().expect("stop timeout poisoned") = Some(t);
-        }
-        self.token.cancel();
-    }
-
-    pub fn is_requested(&self) -> bool {
-        self.token.is_cancelled()
-    }
-
-    pub async fn requested(&self) {
-        self.token.cancelled().await;
-    }
-
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
-    }
-
-    /// The kill timeout for this stop: the requester's, else `default`.
-    pub fn kill_timeout(&self, default: Duration) -> Duration {
-        self.timeout
-            .lock()
-            .expect("stop timeout poisoned")
-            .unwrap_or(default)
-    }
 }
 
 /// A running qemu with its QMP session.

@@ -25,6 +25,12 @@ pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
     if state.is_terminal() {
         return Next::Done;
     }
+    if state == TaskState::Stopping {
+        // The stop request died with the old agent: it stands.
+        handle
+            .stop
+            .request(record.stop_requested.map(Duration::from_secs));
+    }
     let Some(vm) = record.vm.clone().filter(|_| state.has_vm()) else {
         // Nothing was launched, or the agent died between starting a shim
         // and recording it: such a shim is nobody's, so it goes.
@@ -71,11 +77,6 @@ pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
                             }
                         }
                     };
-                    if state == TaskState::Stopping {
-                        // The stop request died with the old agent.
-                        let timeout = record.stop_requested.map(Duration::from_secs);
-                        handle.stop.request(timeout);
-                    }
                     tracing::info!(task = %handle.id, pid = vm.qemu.pid, shim = vm.shim.pid, ?phase, "VM adopted");
                     let accelerator = record
                         .accelerator
@@ -126,8 +127,9 @@ fn ended_while_down(
     let outcome = match ExitRecord::read(exit_path) {
         Some(rec) if rec.qemu_pid == qemu.pid => {
             let status = rec.status();
-            if state == TaskState::Stopping {
-                Ok(Ending::Stopped(crate::supervisor::StopHow::Quit))
+            if state == TaskState::Stopping && status.success() {
+                // The stop had pressed the power button, and it was heard.
+                Ok(Ending::Stopped(crate::supervisor::StopHow::Powerdown))
             } else if status.success() {
                 // qemu exits 0 on a guest power-off, and nobody sent
                 // `quit`: the guest shut down.

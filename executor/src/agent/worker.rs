@@ -58,7 +58,9 @@ pub(super) async fn drive(agent: Arc<Agent>, handle: Arc<TaskHandle>, mut next: 
                 accelerator,
             } => {
                 let record = handle.record();
-                let host = host_settings(&agent, &handle, None, Vec::new(), &record.dir);
+                // Nothing is launched from here: qemu's binary and version
+                // do not matter, the confinement is the agent's.
+                let host = host_settings(&agent, &handle, None, Vec::new());
                 let task = record.effective_task().clone();
                 let ending = launcher::resume(
                     &host,
@@ -228,17 +230,7 @@ async fn launch(agent: &Agent, handle: &TaskHandle) -> Next {
         r.vm = None;
     });
 
-    let host = host_settings(
-        agent,
-        handle,
-        Some(qemu.version.clone()),
-        cgroups,
-        &dir.root,
-    );
-    let host = HostSettings {
-        qemu: qemu.binary.clone(),
-        ..host
-    };
+    let host = host_settings(agent, handle, Some(&qemu), cgroups);
     let prepared = Prepared {
         task: &task,
         accelerator,
@@ -261,19 +253,17 @@ async fn launch(agent: &Agent, handle: &TaskHandle) -> Next {
 fn host_settings(
     agent: &Agent,
     handle: &TaskHandle,
-    qemu_version: Option<String>,
+    qemu: Option<&crate::fingerprint::QemuInfo>,
     cgroups: Vec<std::path::PathBuf>,
-    _dir: &std::path::Path,
 ) -> HostSettings {
     let config = &agent.runner.config;
     let iso = &agent.isolation;
     HostSettings {
-        qemu: config
-            .qemu
-            .binary
-            .clone()
-            .unwrap_or_else(|| crate::fingerprint::QEMU_BINARY.into()),
-        qemu_version,
+        qemu: qemu.map_or_else(
+            || crate::fingerprint::QEMU_BINARY.into(),
+            |q| q.binary.clone(),
+        ),
+        qemu_version: qemu.map(|q| q.version.clone()),
         state_dir: agent.state_dir.clone(),
         sandbox: config.qemu.sandbox,
         kvm_stall: (config.qemu.kvm_stall_s > 0)
