@@ -458,6 +458,20 @@ fn three_vms_survive_a_sigkill_of_the_agent_and_stop_gracefully_through_the_next
             serial_log(&s)
         );
         assert!(s["pid"].is_null());
+        // The client verb; following an ended task prints it and returns.
+        let logs = sandbox
+            .command(&[
+                "logs",
+                id,
+                "--serial",
+                "-f",
+                "--socket",
+                agent.socket.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(logs.status.success());
+        assert!(String::from_utf8_lossy(&logs.stdout).contains(POWER_OFF_LINE));
     }
 
     // SIGTERM by default leaves the last VM running for the next agent.
@@ -479,7 +493,8 @@ fn three_vms_survive_a_sigkill_of_the_agent_and_stop_gracefully_through_the_next
 }
 
 #[test]
-fn a_vm_killed_from_outside_is_restarted_then_fails_once_its_attempts_are_used() {
+fn a_vm_killed_from_outside_is_restarted_then_fails_once_its_attempts_are_used_even_with_no_agent()
+{
     let guest = guest();
     let server = FileServer::start(guest.dir()).unwrap();
     let sandbox = Sandbox::new();
@@ -489,7 +504,7 @@ fn a_vm_killed_from_outside_is_restarted_then_fails_once_its_attempts_are_used()
         "executor.toml",
         &format!("[agent]\ncgroup_parent = \"{parent}\"\n"),
     );
-    let agent = AgentUnderTest::start(&sandbox, &config, &[]);
+    let mut agent = AgentUnderTest::start(&sandbox, &config, &[]);
     let port = free_port();
     let id = agent.submit_toml(&task_toml(
         "crashy",
@@ -521,15 +536,28 @@ fn a_vm_killed_from_outside_is_restarted_then_fails_once_its_attempts_are_used()
         "{metrics}"
     );
 
-    // Its one attempt used, the next crash fails the task.
+    // The next crash comes while no agent runs. Its one attempt used, the
+    // next agent reports how the VM ended, from the shim's record, and
+    // fails the task.
+    agent.run.child.signal(Signal::SIGKILL);
+    wait_exit(&mut agent);
     kill(second, Signal::SIGKILL);
+    wait_until(Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{second}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{second}/cmdline")).is_ok_and(|c| c.is_empty()))
+        .then_some(())
+    })
+    .expect("qemu ends");
+    let agent = AgentUnderTest::start(&sandbox, &config, &[]);
     let failed = agent.wait_state(&id, "failed", Duration::from_secs(60));
     let reason = failed["exit"]["reason"].as_str().unwrap();
     assert!(
         reason.contains("1 restart attempts within 600s used up")
-            && reason.contains("killed by SIGKILL"),
+            && reason.contains("killed by SIGKILL")
+            && reason.contains("while the agent was down"),
         "{reason}"
     );
+    assert_eq!(failed["exit"]["while_agent_down"], true);
     assert_eq!(failed["restart_count"], 1);
     let left = reaper.vm_processes();
     assert!(left.is_empty(), "processes outlived the task: {left:?}");
