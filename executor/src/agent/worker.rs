@@ -40,6 +40,7 @@ pub(super) enum Next {
     Done,
 }
 
+#[tracing::instrument(name = "task", skip_all, fields(task = %handle.id))]
 pub(super) async fn drive(agent: Arc<Agent>, handle: Arc<TaskHandle>, mut next: Next) {
     loop {
         next = match next {

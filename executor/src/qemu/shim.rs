@@ -28,6 +28,14 @@ use super::process::{ProcessError, ProcessIdentity};
 
 /// How long the shim gets to start qemu and report its pid.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Signals the shim ignores: a terminal's, or a stray one to its group.
+const IGNORED: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGPIPE,
+];
+
 /// Exit code of the shim when it could not start qemu.
 pub const SHIM_FAILED: u8 = 125;
 
@@ -98,12 +106,7 @@ pub fn run(args: &ShimArgs) -> u8 {
 fn run_inner(args: &ShimArgs) -> std::io::Result<()> {
     // The agent's terminal, a stray group signal or the agent's death must
     // not take the shim down: only SIGKILL does, and takes qemu with it.
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGPIPE,
-    ] {
+    for sig in IGNORED {
         // SAFETY: SIG_IGN installs no handler code.
         unsafe { signal(sig, SigHandler::SigIgn) }.map_err(std::io::Error::from)?;
     }
@@ -124,9 +127,14 @@ fn run_inner(args: &ShimArgs) -> std::io::Result<()> {
     let shim_pid = nix::unistd::getpid();
     let private_mounts = args.mount_namespace;
     // SAFETY: runs between fork and exec and only makes async-signal-safe
-    // system calls (setsid, prctl, getppid, unshare, mount).
+    // system calls (sigaction, setsid, prctl, getppid, unshare, mount).
     unsafe {
         cmd.pre_exec(move || {
+            // Ignored signals stay ignored across exec: give qemu back the
+            // defaults, so that SIGTERM still ends it.
+            for sig in IGNORED {
+                signal(sig, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+            }
             nix::unistd::setsid().map_err(std::io::Error::from)?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
             // The shim may have died before the line above took effect.
