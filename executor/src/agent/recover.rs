@@ -34,7 +34,7 @@ pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
     let Some(vm) = record.vm.clone().filter(|_| state.has_vm()) else {
         // Nothing was launched, or the agent died between starting a shim
         // and recording it: such a shim is nobody's, so it goes.
-        kill_stray_shims(&agent.exit_record_path(&handle.id).display().to_string());
+        kill_stray_shims(&agent.exit_record_path(&handle.id).display().to_string()).await;
         tracing::info!(task = %handle.id, %state, "resuming a task that had no VM yet");
         return if record.task.is_some() {
             Next::Launch
@@ -161,7 +161,7 @@ fn ended_while_down(
 
 /// Kills shims started for a task that never recorded them. They are
 /// found by the exit record path on their command line (unique per task).
-fn kill_stray_shims(exit_record: &str) {
+async fn kill_stray_shims(exit_record: &str) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -183,7 +183,14 @@ fn kill_stray_shims(exit_record: &str) {
                 .any(|w| w[0] == b"--exit-record" && w[1] == exit_record.as_bytes());
         if is_shim {
             tracing::warn!(pid, "killing a shim no agent recorded");
+            let identity = crate::qemu::process::ProcessIdentity::of(pid as u32);
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            // Its qemu goes with it (pdeathsig); give it a moment, so that
+            // the relaunch does not find its ports still taken.
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            while identity.is_some_and(|i| i.is_alive()) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
 }
