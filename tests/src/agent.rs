@@ -121,6 +121,17 @@ impl AgentUnderTest {
     /// Starts `qemu-executor agent` with the sandbox's dirs, `config`, and
     /// `extra` arguments, and waits until it answers.
     pub fn start(sandbox: &Sandbox, config: &Path, extra: &[&str]) -> AgentUnderTest {
+        Self::start_as(sandbox, config, extra, None)
+    }
+
+    /// As [`AgentUnderTest::start`], as `user` when given (through
+    /// `setpriv`).
+    pub fn start_as(
+        sandbox: &Sandbox,
+        config: &Path,
+        extra: &[&str],
+        user: Option<&str>,
+    ) -> AgentUnderTest {
         let socket = sandbox.path().join("agent.sock");
         let mut args = vec![
             "--config",
@@ -130,7 +141,25 @@ impl AgentUnderTest {
             socket.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let run = sandbox.spawn(&args);
+        let run = match user {
+            None => sandbox.spawn(&args),
+            Some(user) => {
+                let direct = sandbox.command(&args);
+                let mut cmd = Command::new("setpriv");
+                cmd.arg(format!("--reuid={user}"))
+                    .arg(format!("--regid={user}"))
+                    .args(["--clear-groups", "--"])
+                    .arg(direct.get_program())
+                    .args(direct.get_args());
+                for (k, v) in direct.get_envs() {
+                    match v {
+                        Some(v) => cmd.env(k, v),
+                        None => cmd.env_remove(k),
+                    };
+                }
+                sandbox.spawn_command(cmd)
+            }
+        };
         let agent = AgentUnderTest { run, socket };
         wait_until(Duration::from_secs(60), || {
             agent.get("/v1/health").ok().filter(|a| a.status == 200)

@@ -568,3 +568,58 @@ fn a_vm_killed_from_outside_is_restarted_then_fails_once_its_attempts_are_used_e
         );
     }
 }
+
+#[test]
+fn an_agent_without_root_says_which_isolation_it_cannot_apply() {
+    let sandbox = Sandbox::new();
+    let parent = cgroup_parent("unprivileged");
+    let _reaper = Reaper::new(&sandbox, &parent);
+    let user = test_user();
+    let config = sandbox.write(
+        "executor.toml",
+        &format!("[agent]\nuser = \"{user}\"\ncgroup_parent = \"{parent}\"\n"),
+    );
+    // The agent's user owns its state; the sandbox is reachable for it.
+    std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = Command::new("chown")
+        .args([&format!("{user}:{user}"), sandbox.path().to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut agent = AgentUnderTest::start_as(&sandbox, &config, &[], Some(user));
+    let health = agent.get("/v1/health").unwrap().json();
+    let isolation = &health["isolation"];
+    for mechanism in ["cgroup", "user", "chroot", "mount_namespace"] {
+        assert_eq!(
+            isolation[mechanism]["active"], false,
+            "{mechanism}: {health:#}"
+        );
+        let why = isolation[mechanism]["detail"].as_str().unwrap();
+        assert!(
+            why.contains("the agent does not run as root"),
+            "{mechanism}: {why}"
+        );
+    }
+    assert!(
+        isolation["user"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("cannot switch qemu to \"{user}\"")),
+        "{health:#}"
+    );
+    // qemu's own seccomp sandbox needs no privilege, and stays whole.
+    assert_eq!(isolation["sandbox"]["active"], true);
+    assert!(
+        isolation["sandbox"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("elevateprivileges=deny")
+    );
+    let stderr = agent.run.stderr();
+    assert!(
+        stderr.contains("isolation unavailable") && stderr.contains("mechanism=cgroup"),
+        "{stderr}"
+    );
+    agent.run.child.signal(Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut agent), 0, "{}", agent.run.stderr());
+}
