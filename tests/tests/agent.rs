@@ -354,6 +354,17 @@ fn three_vms_survive_a_sigkill_of_the_agent_and_stop_gracefully_through_the_next
         "one download for three tasks: {:?}",
         server.requests()
     );
+    let iso_size = std::fs::metadata(&guest.cooperative).unwrap().len();
+    let metrics = agent.get("/metrics").unwrap().body;
+    for line in [
+        "qemu_executor_fetches_total 3".to_string(),
+        "qemu_executor_cache_hits_total 2".to_string(),
+        format!("qemu_executor_fetch_bytes_total {iso_size}"),
+        "qemu_executor_policy_evaluations_total 3".to_string(),
+        "qemu_executor_tasks{state=\"ready\"} 3".to_string(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 
     // What status says about web-a: the policy's rewrite, the accelerator,
     // the usage, and the isolation, checked against the kernel's view.
