@@ -8,11 +8,14 @@ use std::sync::Arc;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
+
+/// How long a client gets to send a request's headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The socket's mode unless the operator says otherwise.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
@@ -81,6 +84,10 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| super::api::handle(agent.clone(), req));
             if let Err(e) = http1::Builder::new()
+                // A client that never finishes its headers gives up its
+                // connection instead of holding it forever.
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
