@@ -581,7 +581,7 @@ fn a_vm_killed_from_outside_is_restarted_then_fails_once_its_attempts_are_used_e
 }
 
 #[test]
-fn an_agent_without_root_says_which_isolation_it_cannot_apply() {
+fn an_agent_without_root_says_which_isolation_it_cannot_apply_and_runs_its_vm_without() {
     let sandbox = Sandbox::new();
     let parent = cgroup_parent("unprivileged");
     let _reaper = Reaper::new(&sandbox, &parent);
@@ -630,6 +630,39 @@ fn an_agent_without_root_says_which_isolation_it_cannot_apply() {
     assert!(
         stderr.contains("isolation unavailable") && stderr.contains("mechanism=cgroup"),
         "{stderr}"
+    );
+
+    // ... and carries on without them: its VM runs as the agent's user,
+    // answers, and stops gracefully.
+    let guest = guest();
+    let server = FileServer::start(guest.dir()).unwrap();
+    let port = free_port();
+    let id = agent.submit_toml(&task_toml(
+        "plain",
+        &server.url("guest.iso"),
+        &md5_of(&guest.cooperative),
+        port,
+        "",
+    ));
+    let status = agent.wait_state(&id, "ready", BOOT);
+    assert!(http_get(port, "/").is_some_and(|p| p.contains("test guest")));
+    assert_eq!(status["isolation"]["cgroup"]["active"], false);
+    assert!(status["cgroups"].as_array().unwrap().is_empty());
+    let pid = pid_of(&status);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        std::path::PathBuf::from("/"),
+        "no chroot without root"
+    );
+    let stopped = agent.post(
+        &format!("/v1/tasks/{id}/stop?wait=true"),
+        "application/json",
+        b"{\"timeout_s\": 60}",
+    );
+    assert_eq!(stopped.status, 200, "{}", stopped.body);
+    assert_eq!(
+        stopped.json()["exit"]["reason"],
+        "stopped: the guest powered off on the ACPI power button"
     );
     agent.run.child.signal(Signal::SIGTERM);
     assert_eq!(wait_exit(&mut agent), 0, "{}", agent.run.stderr());
