@@ -295,6 +295,47 @@ pub fn cgroup_parent(test: &str) -> String {
     format!("qe-test-{test}-{}", std::process::id())
 }
 
+/// Generous: a guest boots in about 11 s of one core under TCG, and the
+/// tests boot several at once on a shared machine.
+pub const BOOT: Duration = Duration::from_secs(300);
+pub const POWER_OFF_LINE: &str = "qe-guest: power button, powering off";
+
+/// A task for the test guest under TCG, with `extra` lines appended.
+pub fn task_toml(name: &str, url: &str, checksum: &str, port: u16, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nimage_source = \"{url}\"\nchecksum = \"{checksum}\"\nhost_port = {port}\nguest_port = 8080\nmemory_mb = 256\naccelerator = \"tcg\"\nready_timeout_s = 280\nkill_timeout_s = 60\n{extra}"
+    )
+}
+
+/// Sends `signal` to process `pid`.
+pub fn kill(pid: u64, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+}
+
+/// qemu's pid in a task's status.
+pub fn pid_of(status: &serde_json::Value) -> u64 {
+    status["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid: {status:#}"))
+}
+
+/// Waits for the agent to exit; returns its raw wait status.
+pub fn wait_exit(agent: &mut AgentUnderTest) -> i32 {
+    let status = agent
+        .run
+        .child
+        .wait_timeout(Duration::from_secs(120))
+        .unwrap()
+        .unwrap_or_else(|| panic!("the agent did not exit:\n{}", agent.run.stderr()));
+    std::os::unix::process::ExitStatusExt::into_raw(status)
+}
+
+/// The serial console of a task, from its status's task directory.
+pub fn serial_log(status: &serde_json::Value) -> String {
+    let dir = status["dir"].as_str().unwrap();
+    std::fs::read_to_string(std::path::Path::new(dir).join("serial.log")).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
