@@ -115,6 +115,9 @@ pub struct VmRecord {
 pub struct RestartRecord {
     pub at_ms: u64,
     pub cause: String,
+    /// The wait before the restart, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 /// How a task ended.

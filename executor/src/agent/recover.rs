@@ -36,6 +36,13 @@ pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
         // and recording it: such a shim is nobody's, so it goes.
         kill_stray_shims(&agent.exit_record_path(&handle.id).display().to_string()).await;
         tracing::info!(task = %handle.id, %state, "resuming a task that had no VM yet");
+        if state == TaskState::Pending
+            && let Some(last) = record.restarts.last()
+        {
+            // Waiting out a restart's delay: wait for what is left of it.
+            let due = last.at_ms.saturating_add(last.delay_ms);
+            return Next::Wait(Duration::from_millis(due.saturating_sub(now_ms())));
+        }
         return if record.task.is_some() {
             Next::Launch
         } else {

@@ -392,6 +392,7 @@ fn ended(
                 r.restarts.push(super::record::RestartRecord {
                     at_ms: now_ms(),
                     cause,
+                    delay_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
                 });
             });
             Next::Wait(after)
