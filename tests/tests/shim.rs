@@ -110,3 +110,24 @@ fn the_shim_ignores_the_signals_a_terminal_or_its_agent_would_send() {
     .unwrap();
     assert!(gone(&shim.child_identity));
 }
+
+#[test]
+fn a_shim_that_cannot_start_its_program_says_why_and_reports_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(executor_bin())
+        .args(["shim", "--exit-record"])
+        .arg(dir.path().join("exit.json"))
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--", "/nonexistent/qemu"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(out.stdout.is_empty(), "no report: {:?}", out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot start /nonexistent/qemu"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("exit.json").exists());
+}

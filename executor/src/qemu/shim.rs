@@ -253,6 +253,7 @@ impl ShimSpawn<'_> {
                 path: self.log.to_path_buf(),
                 source,
             })?;
+        let log_start = log.metadata().map_or(0, |m| m.len());
         let mut cmd = std::process::Command::new(self.exe);
         cmd.args(self.argv())
             .current_dir(self.dir)
@@ -285,11 +286,12 @@ impl ShimSpawn<'_> {
         let Some(qemu) = qemu else {
             let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
             return Err(spawn_err(std::io::Error::other(format!(
-                "the shim did not start qemu ({})",
+                "the shim did not start qemu ({}): {}",
                 match status {
                     Ok(Ok(s)) => s.to_string(),
                     _ => "still running".to_string(),
-                }
+                },
+                crate::supervisor::log_tail(self.log, log_start)
             ))));
         };
         tracing::info!(
