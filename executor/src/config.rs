@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::agent::config::AgentConfig;
 use crate::fetch::{FetchConfig, FetchConfigError};
 use crate::passthrough::{ArgsConfig, ArgsError};
 use crate::policy::PolicySpec;
@@ -25,6 +26,9 @@ pub struct Config {
     /// `[args]`: the task `args` passthrough and its allowlist.
     #[serde(default)]
     pub args: ArgsConfig,
+    /// `[agent]`: how agent mode confines its VMs.
+    #[serde(default)]
+    pub agent: AgentConfig,
     /// Directory of the file it was loaded from: relative paths inside it
     /// are relative to this.
     #[serde(skip)]
@@ -85,6 +89,8 @@ pub enum ConfigError {
     Args(#[from] ArgsError),
     #[error("Invalid setting policy[{index}].{problem}")]
     Policy { index: usize, problem: String },
+    #[error("Invalid setting {0}")]
+    Agent(String),
 }
 
 impl Config {
@@ -95,6 +101,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.fetch.validate()?;
         self.args.validate()?;
+        self.agent.validate().map_err(ConfigError::Agent)?;
         for (index, p) in self.policy.iter().enumerate() {
             p.validate()
                 .map_err(|problem| ConfigError::Policy { index, problem })?;

@@ -15,6 +15,27 @@ pub fn default_cache_dir() -> PathBuf {
     dir_for(&Base::CACHE, Env::current(Base::CACHE.xdg_var))
 }
 
+/// Where the agent listens unless told: `/run/qemu-executor.sock` as
+/// root, else `$XDG_RUNTIME_DIR/qemu-executor.sock` (or a per-user name in
+/// the temp dir when that is unset).
+pub fn default_socket() -> PathBuf {
+    socket_for(
+        nix::unistd::geteuid().is_root(),
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+        nix::unistd::geteuid().as_raw(),
+    )
+}
+
+fn socket_for(is_root: bool, runtime_dir: Option<PathBuf>, uid: u32) -> PathBuf {
+    if is_root {
+        return PathBuf::from("/run/qemu-executor.sock");
+    }
+    match runtime_dir.filter(|p| p.is_absolute()) {
+        Some(dir) => dir.join("qemu-executor.sock"),
+        None => std::env::temp_dir().join(format!("qemu-executor-{uid}.sock")),
+    }
+}
+
 struct Base {
     system: &'static str,
     xdg_var: &'static str,
@@ -80,6 +101,22 @@ mod tests {
             home: home.map(PathBuf::from),
             uid: 1000,
         }
+    }
+
+    #[test]
+    fn socket_defaults() {
+        assert_eq!(
+            socket_for(true, Some("/run/user/0".into()), 0),
+            PathBuf::from("/run/qemu-executor.sock")
+        );
+        assert_eq!(
+            socket_for(false, Some("/run/user/1000".into()), 1000),
+            PathBuf::from("/run/user/1000/qemu-executor.sock")
+        );
+        assert_eq!(
+            socket_for(false, None, 1000),
+            std::env::temp_dir().join("qemu-executor-1000.sock")
+        );
     }
 
     #[test]

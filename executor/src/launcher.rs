@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use policy_sdk::{Accelerator, HostFacts, KvmStatus, PortMapping, Task};
-use tokio_util::sync::CancellationToken;
 
 use crate::qemu::cmdline::{BootMedium, Confinement};
 use crate::qemu::image::{self, ImageError, ImageKind};
-use crate::supervisor::{Boot, BootWatch, Ending, Launch, SuperviseError, TaskDir, Vm};
+use crate::qemu::process::ProcessIdentity;
+use crate::supervisor::{
+    Boot, BootWatch, Ending, Launch, SpawnMode, StopSignal, SuperviseError, TaskDir, Vm,
+};
 use crate::verdict;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,9 @@ pub enum LaunchEvent<'a> {
         pid: u32,
         accelerator: Accelerator,
         dir: &'a Path,
+        /// qemu's identity, and its shim's when it runs under one.
+        identity: ProcessIdentity,
+        shim: Option<ProcessIdentity>,
     },
     PortReady(&'a PortMapping),
     Ready {
@@ -118,7 +123,14 @@ pub struct HostSettings {
     pub sandbox: bool,
     /// Serial silence under kvm that counts as a hang; `None` disables it.
     pub kvm_stall: Option<Duration>,
-    pub die_with_parent: bool,
+    pub spawn: SpawnMode,
+    /// `-chroot` qemu into the task directory once it has opened its files.
+    pub chroot: bool,
+    /// `-runas`: the user qemu drops to once it has opened its files.
+    pub runas: Option<String>,
+    /// Owner (uid, gid) given to the files qemu keeps using, such as the
+    /// overlay, when qemu runs as another user.
+    pub owner: Option<(u32, u32)>,
 }
 
 /// A task ready to launch.
@@ -131,11 +143,11 @@ pub struct Prepared<'a> {
 }
 
 /// Boots the task (falling back from a lying KVM to tcg once, if the task
-/// allows it), waits until it ends or `cancel` fires, and stops it.
+/// allows it), waits until it ends or `stop` fires, and stops it.
 pub async fn launch(
     host: &HostSettings,
     prepared: Prepared<'_>,
-    cancel: &CancellationToken,
+    stop: &StopSignal,
     mut on_event: impl FnMut(LaunchEvent<'_>),
 ) -> Result<Ending, LaunchError> {
     let Prepared {
@@ -147,7 +159,7 @@ pub async fn launch(
     } = prepared;
     let kind = image::detect(image)?;
     loop {
-        let medium = boot_medium(kind, image, task, dir).await?;
+        let medium = boot_medium(kind, image, task, dir, host.owner).await?;
         let started = Instant::now();
         let mut vm = Launch {
             qemu: &host.qemu,
@@ -158,9 +170,10 @@ pub async fn launch(
             extra_args,
             confinement: Confinement {
                 sandbox: host.sandbox,
-                ..Confinement::default()
+                chroot: host.chroot.then(|| dir.root.clone()),
+                runas: host.runas.clone(),
             },
-            die_with_parent: host.die_with_parent,
+            spawn: &host.spawn,
         }
         .start()
         .await?;
@@ -168,52 +181,137 @@ pub async fn launch(
             pid: vm.pid(),
             accelerator,
             dir: &dir.root,
+            identity: vm.process.identity(),
+            shim: vm.process.shim(),
         });
-        let watch = BootWatch {
-            ports: &task.ports,
-            ready_serial: task.ready_serial.as_deref(),
-            ready_timeout: Duration::from_secs(task.ready_timeout_s.into()),
-            under_kvm: accelerator == Accelerator::Kvm,
-            kvm_stall: host.kvm_stall.filter(|_| accelerator == Accelerator::Kvm),
+        let ready_timeout = Duration::from_secs(task.ready_timeout_s.into());
+        let watch = Watch {
+            accelerator,
+            ready_timeout,
+            started,
         };
-        let boot = vm
-            .boot(&watch, cancel, |port| {
-                on_event(LaunchEvent::PortReady(port))
-            })
-            .await;
-        match boot {
-            Boot::Ready => {
-                on_event(LaunchEvent::Ready {
-                    after: started.elapsed(),
-                });
-                return Ok(run_until_end(&mut vm, task, cancel, &mut on_event).await);
-            }
-            Boot::KvmFailed(reason) => {
-                tracing::warn!(task = %task.name, %reason, "KVM failed this guest");
-                vm.stop(false, Duration::ZERO).await;
-                if let Err(e) =
-                    verdict::record(&host.state_dir, &reason, host.qemu_version.as_deref())
-                {
-                    tracing::warn!(error = %e, "cannot remember the KVM verdict");
-                }
+        match supervise(host, &mut vm, task, watch, stop, &mut on_event).await {
+            Supervised::Ended(ending) => return Ok(ending),
+            Supervised::KvmFailed(reason) => {
                 if !task.kvm_fallback {
                     return Ok(Ending::KvmUnusable { reason });
                 }
                 on_event(LaunchEvent::KvmFallback { reason: &reason });
                 accelerator = Accelerator::Tcg;
             }
-            Boot::Ended(ending) => return Ok(ending),
-            Boot::NotReady => {
-                on_event(LaunchEvent::Stopping);
-                vm.stop(false, Duration::ZERO).await;
-                return Ok(Ending::NotReady {
-                    after: Duration::from_secs(task.ready_timeout_s.into()),
-                });
+        }
+    }
+}
+
+/// Where an adopted VM was in its life when its agent went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Still booting: watch its ports for what is left of the timeout.
+    Booting { left: Duration },
+    /// Ready: only its end is left to wait for.
+    Ready,
+    /// Being stopped: stop it again (the request died with the agent).
+    Stopping,
+}
+
+/// Carries on supervising a VM adopted after an agent restart, from the
+/// phase it was in, until it ends or `stop` fires. A KVM failure seen now
+/// ends it (the relaunch under tcg is the restart policy's business).
+pub async fn resume(
+    host: &HostSettings,
+    mut vm: Vm,
+    task: &Task,
+    accelerator: Accelerator,
+    phase: Phase,
+    stop: &StopSignal,
+    mut on_event: impl FnMut(LaunchEvent<'_>),
+) -> Ending {
+    match phase {
+        Phase::Stopping => {
+            on_event(LaunchEvent::Stopping);
+            stop_vm(&mut vm, task, stop).await
+        }
+        Phase::Ready => run_until_end(&mut vm, task, stop, &mut on_event).await,
+        Phase::Booting { left } => {
+            let watch = Watch {
+                accelerator,
+                ready_timeout: left,
+                started: Instant::now(),
+            };
+            match supervise(host, &mut vm, task, watch, stop, &mut on_event).await {
+                Supervised::Ended(ending) => ending,
+                Supervised::KvmFailed(reason) => Ending::KvmUnusable { reason },
             }
-            Boot::Cancelled => {
-                on_event(LaunchEvent::Stopping);
-                return Ok(stop(&mut vm, task).await);
+        }
+    }
+}
+
+struct Watch {
+    accelerator: Accelerator,
+    ready_timeout: Duration,
+    /// When this launch began, for the time to ready.
+    started: Instant,
+}
+
+enum Supervised {
+    Ended(Ending),
+    /// KVM failed this guest; qemu is stopped and the verdict recorded.
+    KvmFailed(String),
+}
+
+/// Watches the boot, then waits for the end or a stop.
+async fn supervise(
+    host: &HostSettings,
+    vm: &mut Vm,
+    task: &Task,
+    watch: Watch,
+    stop: &StopSignal,
+    on_event: &mut impl FnMut(LaunchEvent<'_>),
+) -> Supervised {
+    let Watch {
+        accelerator,
+        ready_timeout,
+        started,
+    } = watch;
+    let watch = BootWatch {
+        ports: &task.ports,
+        ready_serial: task.ready_serial.as_deref(),
+        ready_timeout,
+        under_kvm: accelerator == Accelerator::Kvm,
+        kvm_stall: host.kvm_stall.filter(|_| accelerator == Accelerator::Kvm),
+    };
+    let boot = vm
+        .boot(&watch, stop.token(), |port| {
+            on_event(LaunchEvent::PortReady(port))
+        })
+        .await;
+    match boot {
+        Boot::Ready => {
+            on_event(LaunchEvent::Ready {
+                after: started.elapsed(),
+            });
+            Supervised::Ended(run_until_end(vm, task, stop, on_event).await)
+        }
+        Boot::KvmFailed(reason) => {
+            tracing::warn!(task = %task.name, %reason, "KVM failed this guest");
+            vm.stop(false, Duration::ZERO).await;
+            if let Err(e) = verdict::record(&host.state_dir, &reason, host.qemu_version.as_deref())
+            {
+                tracing::warn!(error = %e, "cannot remember the KVM verdict");
             }
+            Supervised::KvmFailed(reason)
+        }
+        Boot::Ended(ending) => Supervised::Ended(ending),
+        Boot::NotReady => {
+            on_event(LaunchEvent::Stopping);
+            vm.stop(false, Duration::ZERO).await;
+            Supervised::Ended(Ending::NotReady {
+                after: ready_timeout,
+            })
+        }
+        Boot::Cancelled => {
+            on_event(LaunchEvent::Stopping);
+            Supervised::Ended(stop_vm(vm, task, stop).await)
         }
     }
 }
@@ -221,24 +319,21 @@ pub async fn launch(
 async fn run_until_end(
     vm: &mut Vm,
     task: &Task,
-    cancel: &CancellationToken,
+    stop: &StopSignal,
     on_event: &mut impl FnMut(LaunchEvent<'_>),
 ) -> Ending {
-    match vm.wait(cancel).await {
+    match vm.wait(stop.token()).await {
         Some(ending) => ending,
         None => {
             on_event(LaunchEvent::Stopping);
-            stop(vm, task).await
+            stop_vm(vm, task, stop).await
         }
     }
 }
 
-async fn stop(vm: &mut Vm, task: &Task) -> Ending {
-    vm.stop(
-        task.graceful_shutdown,
-        Duration::from_secs(task.kill_timeout_s.into()),
-    )
-    .await
+async fn stop_vm(vm: &mut Vm, task: &Task, stop: &StopSignal) -> Ending {
+    let timeout = stop.kill_timeout(Duration::from_secs(task.kill_timeout_s.into()));
+    vm.stop(task.graceful_shutdown, timeout).await
 }
 
 /// The medium for one boot: the cached ISO read-only, or a fresh overlay
@@ -249,6 +344,7 @@ async fn boot_medium(
     image: &Path,
     task: &Task,
     dir: &TaskDir,
+    owner: Option<(u32, u32)>,
 ) -> Result<BootMedium, LaunchError> {
     match kind {
         ImageKind::Iso => Ok(BootMedium::Cdrom {
@@ -267,6 +363,14 @@ async fn boot_medium(
                 }
             }
             image::create_overlay(image, format, &overlay).await?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&overlay, Some(uid), Some(gid)).map_err(|source| {
+                    LaunchError::TaskDir {
+                        path: overlay.clone(),
+                        source,
+                    }
+                })?;
+            }
             Ok(BootMedium::Disk {
                 path: overlay,
                 format: crate::qemu::cmdline::DiskFormat::Qcow2,

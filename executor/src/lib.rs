@@ -4,6 +4,7 @@
 //! The binary is a thin layer over this library; every piece of logic lives
 //! here, one module per concern.
 
+pub mod agent;
 pub mod cache;
 pub mod config;
 pub mod digest;

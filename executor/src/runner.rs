@@ -17,7 +17,7 @@ use crate::fingerprint::{FingerprintError, Probe};
 use crate::launcher::{self, HostSettings, LaunchError, LaunchEvent, Prepared};
 use crate::passthrough::ArgsError;
 use crate::policy::{Chain, ChainOutcome};
-use crate::supervisor::{Ending, TaskDir};
+use crate::supervisor::{Ending, SpawnMode, StopSignal, TaskDir};
 
 /// Exit codes of `run`, documented in the README.
 pub mod exit {
@@ -147,7 +147,12 @@ impl Runner {
             sandbox: self.config.qemu.sandbox,
             kvm_stall: (self.config.qemu.kvm_stall_s > 0)
                 .then(|| Duration::from_secs(self.config.qemu.kvm_stall_s.into())),
-            die_with_parent: self.die_with_parent,
+            spawn: SpawnMode::Direct {
+                die_with_parent: self.die_with_parent,
+            },
+            chroot: false,
+            runas: None,
+            owner: None,
         };
         let prepared = Prepared {
             task: &task,
@@ -156,7 +161,8 @@ impl Runner {
             extra_args: &extra_args,
             dir: &dir,
         };
-        let ended = launcher::launch(&host, prepared, cancel, |e| {
+        let stop = StopSignal::from_token(cancel.clone());
+        let ended = launcher::launch(&host, prepared, &stop, |e| {
             on_event(RunEvent::Launch(e));
         })
         .await;

@@ -14,12 +14,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::logtail::LogTail;
 use crate::qemu::cmdline::{BootMedium, CmdlineError, Confinement, QemuCommand};
-use crate::qemu::process::{ProcessError, QemuProcess, Spawn};
+use crate::qemu::process::{ProcessError, Spawn, VmProcess};
 use crate::qemu::qmp::{Event, Qmp, QmpError};
+use crate::qemu::shim::ShimSpawn;
 use crate::readiness;
+
+mod spawn;
+mod stop;
+
+pub use spawn::{ShimSettings, SpawnMode};
+pub use stop::StopSignal;
 
 /// How long qemu gets to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a running qemu gets to answer on its QMP socket when adopted.
+const ADOPT_QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// After `quit`, how long before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// How often logs are read while the guest boots.
@@ -145,12 +154,12 @@ pub struct Launch<'a> {
     pub dir: &'a TaskDir,
     pub extra_args: &'a [String],
     pub confinement: Confinement,
-    pub die_with_parent: bool,
+    pub spawn: &'a SpawnMode,
 }
 
 /// A running qemu with its QMP session.
 pub struct Vm {
-    pub process: QemuProcess,
+    pub process: VmProcess,
     pub qmp: Qmp,
     events: broadcast::Receiver<Event>,
     pub dir: TaskDir,
@@ -196,14 +205,32 @@ impl Launch<'_> {
         // vain.
         let _ = std::fs::remove_file(self.dir.qmp_socket());
         let log_start = std::fs::metadata(self.dir.qemu_log()).map_or(0, |m| m.len());
-        let mut process = Spawn {
-            binary: self.qemu,
-            args: &argv,
-            dir: &self.dir.root,
-            log: &self.dir.qemu_log(),
-            die_with_parent: self.die_with_parent,
-        }
-        .start()?;
+        let mut process = match self.spawn {
+            SpawnMode::Direct { die_with_parent } => VmProcess::Child(
+                Spawn {
+                    binary: self.qemu,
+                    args: &argv,
+                    dir: &self.dir.root,
+                    log: &self.dir.qemu_log(),
+                    die_with_parent: *die_with_parent,
+                }
+                .start()?,
+            ),
+            SpawnMode::Shim(shim) => VmProcess::Shimmed(
+                ShimSpawn {
+                    exe: &shim.exe,
+                    qemu: self.qemu,
+                    args: &argv,
+                    dir: &self.dir.root,
+                    log: &self.dir.qemu_log(),
+                    exit_record: &shim.exit_record,
+                    cgroups: &shim.cgroups,
+                    mount_namespace: shim.mount_namespace,
+                }
+                .start()
+                .await?,
+            ),
+        };
         let socket = self.dir.qmp_socket();
         let qmp = tokio::select! {
             qmp = Qmp::connect(&socket, QMP_CONNECT_TIMEOUT) => qmp,
@@ -247,6 +274,23 @@ pub struct BootWatch<'a> {
 }
 
 impl Vm {
+    /// Takes over a running qemu that an earlier agent started: connects
+    /// to its QMP socket (qemu accepts a new client once the old one is
+    /// gone).
+    pub async fn adopt(process: VmProcess, dir: TaskDir) -> Result<Vm, SuperviseError> {
+        let qmp = Qmp::connect(&dir.qmp_socket(), ADOPT_QMP_TIMEOUT).await?;
+        let events = qmp.events();
+        let log_start = std::fs::metadata(dir.qemu_log()).map_or(0, |m| m.len());
+        Ok(Vm {
+            process,
+            qmp,
+            events,
+            dir,
+            shutdown_by_guest: false,
+            log_start,
+        })
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
@@ -415,7 +459,7 @@ impl Vm {
     /// the guest to power off (when `graceful`), then `quit`, then SIGKILL
     /// of the process group. Always reaps qemu.
     pub async fn stop(&mut self, graceful: bool, kill_timeout: Duration) -> Ending {
-        if let Ok(Some(status)) = self.process.try_wait() {
+        if let Ok(Some(status)) = self.process.try_wait().await {
             let tail = self.log_tail();
             return self.ending_after_exit(Ok(status), tail);
         }
@@ -469,7 +513,7 @@ pub fn kvm_failure(log: &str) -> Option<String> {
         .map(|line| line.trim().to_string())
 }
 
-fn describe_status(status: std::io::Result<std::process::ExitStatus>) -> String {
+pub fn describe_status(status: std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(s) => match (s.code(), s.signal()) {

@@ -129,6 +129,25 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Parses a duration as operators write it: `30s`, `2m`, `1h`, `500ms`,
+/// or bare seconds (`30`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let s = text.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let bad = || format!("{text:?} is not a duration: write e.g. 30s, 2m, 1h or 500ms");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let ms = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n.checked_mul(1000),
+        "ms" => Some(n),
+        "m" | "min" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(bad()),
+    }
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_millis(ms))
+}
+
 /// Seconds since the epoch as `2024-05-01T12:00:00Z` (UTC).
 pub fn format_rfc3339(unix_secs: i64) -> String {
     let days = unix_secs.div_euclid(86_400);
@@ -160,6 +179,19 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_as_operators_write_them() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-3s").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
 
     #[test]
     fn sizes_as_operators_write_them() {

@@ -84,7 +84,12 @@ impl Sandbox {
 
     /// Starts the executor in the background with its output followed.
     pub fn spawn(&self, args: &[&str]) -> Running {
-        let mut cmd = self.command(args);
+        self.spawn_command(self.command(args))
+    }
+
+    /// Starts `cmd` (say, the executor under another user) in the
+    /// background with its output followed.
+    pub fn spawn_command(&self, mut cmd: Command) -> Running {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = GroupChild::spawn(cmd).expect("spawn qemu-executor");
         let (tx, lines) = channel();

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: where the binary is, processes that
 //! are always cleaned up, a real HTTP server on loopback, and the test guest.
 
+pub mod agent;
 pub mod cli;
 pub mod executor;
 pub mod fault;

@@ -324,7 +324,8 @@ fn run_refuses_a_policy_whose_bytes_do_not_match_its_pin_in_executor_toml() {
     .unwrap();
     let task = scratch.path("task.toml");
     let out = scratch.executor(&[&"--config", &config, &"run", &task]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // The operator's configuration is input: invalid input exits 2.
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let err = stderr(&out);
     assert!(
         err.contains(&format!(

@@ -1,12 +1,20 @@
 //! Command-line verbs, one file each. Each verb parses its own arguments,
 //! calls into the library and maps the outcome to an exit code.
 
+mod agent;
 mod cache;
+mod client;
 mod convert;
 mod fetch;
 mod fingerprint;
+mod logs;
+mod ls;
 mod policy;
 mod run;
+mod shim;
+mod status;
+mod stop;
+mod submit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,10 +87,25 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     /// Inspect and trim the image cache.
     Cache(cache::CacheArgs),
-    /// Check a policy component against a task, or run its table of cases.
+    /// Policy tooling: check a task, run a table of cases, inspect a module, start a new policy.
     Policy(policy::PolicyArgs),
     /// Print the task file (TOML) equivalent to a job file's qemu task.
     Convert(convert::ConvertArgs),
+    /// Run many tasks under one long-running agent, driven over a socket.
+    Agent(agent::AgentArgs),
+    /// Hand a task file to the agent; prints the task's id.
+    Submit(submit::SubmitArgs),
+    /// List the agent's tasks.
+    Ls(ls::LsArgs),
+    /// Show one task as JSON: state, pid, ports, policies, restarts, usage.
+    Status(status::StatusArgs),
+    /// Stop a task gracefully and wait until it has ended.
+    Stop(stop::StopArgs),
+    /// Print a task's qemu log, or its serial console with --serial.
+    Logs(logs::LogsArgs),
+    /// The per-VM shim the agent starts (internal).
+    #[command(hide = true)]
+    Shim(shim::ShimArgs),
 }
 
 impl GlobalOpts {
@@ -119,15 +142,27 @@ pub fn init_tracing(global: &GlobalOpts) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let command = match cli.command {
+        // The shim stays a small synchronous process: no runtime.
+        Command::Shim(args) => return Ok(shim::run(args)),
+        other => other,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Run(args) => run::run(args, &cli.global).await,
             Command::Fingerprint(args) => fingerprint::run(args, &cli.global).await,
             Command::Fetch(args) => fetch::run(args, &cli.global).await,
             Command::Cache(args) => cache::run(args, &cli.global).await,
             Command::Policy(args) => policy::run(args, &cli.global).await,
             Command::Convert(args) => convert::run(args, &cli.global).await,
+            Command::Agent(args) => agent::run(args, &cli.global).await,
+            Command::Submit(args) => submit::run(args).await,
+            Command::Ls(args) => ls::run(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Stop(args) => stop::run(args).await,
+            Command::Logs(args) => logs::run(args).await,
+            Command::Shim(_) => unreachable!("handled before the runtime"),
         }
     })
 }

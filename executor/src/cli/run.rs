@@ -38,13 +38,28 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
             return Ok(ExitCode::from(exit::INVALID));
         }
     };
-    let config = super::load_config(global)?;
+    // The operator's configuration and policies are input too: a bad file,
+    // module, settings or sha256 pin exits 2, a policy that fails while
+    // loading exits 3, as a policy failing on the task would.
+    let config = match super::load_config(global) {
+        Ok(config) => config,
+        Err(e) => return Ok(report(&e, exit::INVALID)),
+    };
     let extra: Vec<PolicySpec> = args
         .policies
         .iter()
         .map(|p| PolicySpec::parse_cli(p))
         .collect();
-    let chain = super::load_chain(global, &config, extra).await?;
+    let chain = match super::load_chain(global, &config, extra).await {
+        Ok(chain) => chain,
+        Err(e) => {
+            let fault = e
+                .downcast_ref::<qemu_executor::policy::PolicyError>()
+                .is_some_and(|p| p.is_fault());
+            let code = if fault { exit::REJECTED } else { exit::INVALID };
+            return Ok(report(&e, code));
+        }
+    };
     let probe = super::probe(global, &config);
     let runner = Runner {
         fetcher: Fetcher::new(config.fetch.clone())?,
@@ -143,4 +158,9 @@ fn print_launch(event: LaunchEvent<'_>) {
         }
         LaunchEvent::Stopping => say!("stopping"),
     }
+}
+
+fn report(err: &anyhow::Error, code: u8) -> ExitCode {
+    super::print_error(err.as_ref());
+    ExitCode::from(code)
 }

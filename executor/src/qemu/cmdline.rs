@@ -15,7 +15,15 @@ use policy_sdk::{Accelerator, DriveInterface, PortMapping};
 /// The network card the guest sees; e1000 has drivers in every guest.
 const NIC_MODEL: &str = "e1000";
 /// What `-sandbox` forbids qemu once it runs.
-const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The sandbox when qemu drops to another user with `-runas`. qemu 7.2
+/// installs its seccomp filter before `-runas` switches user, so with
+/// `elevateprivileges=deny` the switch itself is killed (SIGSYS, exit 159).
+/// Once `-runas` has switched the real, effective and saved ids and qemu
+/// has no capabilities left, set*id calls cannot raise anything, and
+/// `spawn=deny` keeps setuid programs out of reach.
+pub const SANDBOX_RUNAS: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {
@@ -64,6 +72,17 @@ pub struct Confinement {
     pub chroot: Option<PathBuf>,
     /// `-runas USER`.
     pub runas: Option<String>,
+}
+
+impl Confinement {
+    /// The `-sandbox` option string this confinement needs.
+    pub fn sandbox_options(&self) -> &'static str {
+        if self.runas.is_some() {
+            SANDBOX_RUNAS
+        } else {
+            SANDBOX
+        }
+    }
 }
 
 /// Everything that goes into one qemu command line.
@@ -189,7 +208,7 @@ impl QemuCommand<'_> {
         args.extend(["-mon".into(), "chardev=qmp0,mode=control".into()]);
 
         if self.confinement.sandbox {
-            args.extend(["-sandbox".into(), SANDBOX.into()]);
+            args.extend(["-sandbox".into(), self.confinement.sandbox_options().into()]);
         }
         if let Some(dir) = &self.confinement.chroot {
             args.push("-chroot".into());
@@ -402,10 +421,16 @@ mod tests {
             runas: Some("qemu-executor".into()),
         };
         let args = strings(cmd.argv().unwrap());
-        assert_eq!(value_of(&args, "-sandbox", 0), SANDBOX);
+        assert_eq!(value_of(&args, "-sandbox", 0), SANDBOX_RUNAS);
         assert_eq!(value_of(&args, "-chroot", 0), "/state/tasks/web");
         assert_eq!(value_of(&args, "-runas", 0), "qemu-executor");
         assert_eq!(&args[args.len() - 2..], ["-smbios", "type=1,serial=x"]);
+
+        cmd.confinement.runas = None;
+        let args = strings(cmd.argv().unwrap());
+        assert_eq!(value_of(&args, "-sandbox", 0), SANDBOX);
+        assert!(SANDBOX.contains("elevateprivileges=deny"));
+        assert!(!args.iter().any(|a| a == "-runas"));
     }
 
     #[test]

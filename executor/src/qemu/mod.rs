@@ -3,5 +3,7 @@
 
 pub mod cmdline;
 pub mod image;
+pub mod pidfd;
 pub mod process;
 pub mod qmp;
+pub mod shim;

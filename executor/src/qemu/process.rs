@@ -69,6 +69,7 @@ pub fn parse_stat(stat: &str) -> Option<(char, u64)> {
 }
 
 /// A running qemu that we started.
+#[derive(Debug)]
 pub struct QemuProcess {
     child: tokio::process::Child,
     pub identity: ProcessIdentity,
@@ -154,6 +155,58 @@ impl QemuProcess {
     pub fn signal_group(&self, signal: Signal) {
         if let Err(e) = killpg(Pid::from_raw(self.identity.pid as i32), signal) {
             tracing::debug!(pid = self.identity.pid, %signal, error = %e, "killpg failed");
+        }
+    }
+}
+
+/// The qemu a [`crate::supervisor::Vm`] supervises: a child of ours
+/// (`run`), or a child of its shim (the agent), started by this agent or
+/// adopted from an earlier one.
+#[derive(Debug)]
+pub enum VmProcess {
+    Child(QemuProcess),
+    Shimmed(super::shim::ShimmedQemu),
+}
+
+impl VmProcess {
+    pub fn identity(&self) -> ProcessIdentity {
+        match self {
+            VmProcess::Child(p) => p.identity,
+            VmProcess::Shimmed(s) => s.qemu,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.identity().pid
+    }
+
+    /// The shim's identity, for a shimmed qemu.
+    pub fn shim(&self) -> Option<ProcessIdentity> {
+        match self {
+            VmProcess::Child(_) => None,
+            VmProcess::Shimmed(s) => Some(s.shim),
+        }
+    }
+
+    /// Waits for qemu to end and returns its status.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            VmProcess::Child(p) => p.wait().await,
+            VmProcess::Shimmed(s) => s.wait().await,
+        }
+    }
+
+    pub async fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match self {
+            VmProcess::Child(p) => p.try_wait(),
+            VmProcess::Shimmed(s) => s.try_wait().await,
+        }
+    }
+
+    pub fn signal_group(&self, signal: Signal) {
+        match self {
+            VmProcess::Child(p) => p.signal_group(signal),
+            VmProcess::Shimmed(s) => s.signal_group(signal),
         }
     }
 }

@@ -1,0 +1,93 @@
+//! `qemu-executor agent --socket PATH [--stop-tasks-on-exit]`: many VMs
+//! under one long-running executor, driven over HTTP on a Unix socket.
+//! `--state-dir`, `--cache-dir` and `--config` are the global options.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use qemu_executor::agent::{Agent, AgentSettings, Isolation, server};
+use qemu_executor::fetch::Fetcher;
+use qemu_executor::runner::Runner;
+use tokio_util::sync::CancellationToken;
+
+use super::GlobalOpts;
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Where to listen; default /run/qemu-executor.sock as root, else
+    /// $XDG_RUNTIME_DIR/qemu-executor.sock.
+    #[arg(long, env = "QEMU_EXECUTOR_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// The socket's permissions, in octal. Default 600: only the agent's
+    /// user may connect.
+    #[arg(long, value_parser = parse_mode, default_value = "600")]
+    pub socket_mode: u32,
+    /// On SIGTERM or SIGINT, stop every VM gracefully before exiting. By
+    /// default they keep running, and the next agent takes them over.
+    #[arg(long)]
+    pub stop_tasks_on_exit: bool,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode such as 600"))
+}
+
+pub async fn run(args: AgentArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
+    let config = super::load_config(global)?;
+    // qemu gets these paths on its command line and chroots into task
+    // directories: they must not depend on the agent's working directory.
+    let state_dir = std::path::absolute(global.state_dir())?;
+    let cache = qemu_executor::cache::Cache::open(&std::path::absolute(global.cache_dir())?)?;
+    let isolation = Isolation::detect(&config.agent, config.qemu.sandbox)?;
+    let chain = super::load_chain(global, &config, Vec::new()).await?;
+    let runner = Runner {
+        fetcher: Fetcher::new(config.fetch.clone())?,
+        cache,
+        state_dir: state_dir.clone(),
+        chain,
+        probe: super::probe(global, &config),
+        // The agent starts qemu under shims that outlive it.
+        die_with_parent: false,
+        config,
+    };
+    let agent = Agent::open(AgentSettings {
+        state_dir,
+        runner,
+        exe: std::env::current_exe()?,
+        isolation,
+    })?;
+    let socket = args
+        .socket
+        .unwrap_or_else(qemu_executor::dirs::default_socket);
+    let listener = server::bind(&socket, args.socket_mode)?;
+    let tasks = agent.recover()?;
+    tracing::info!(socket = %socket.display(), tasks, "agent listening");
+
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server::serve(
+        agent.clone(),
+        listener,
+        socket,
+        shutdown.clone(),
+    ));
+    let signal = super::interrupted().await;
+    agent.stop_accepting();
+    shutdown.cancel();
+    let _ = serving.await;
+    if args.stop_tasks_on_exit {
+        tracing::info!(%signal, "stopping every task before exiting");
+        agent.stop_all().await;
+    } else {
+        let live = agent
+            .list()
+            .iter()
+            .filter(|t| !t.state.is_terminal())
+            .count();
+        tracing::info!(%signal, live, "exiting; the VMs keep running for the next agent");
+    }
+    Ok(ExitCode::SUCCESS)
+}
