@@ -27,6 +27,12 @@ if [ ${#packages[@]} -gt 0 ]; then
     apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
 
+# The agent runs qemu as this unprivileged user (`[agent] user`).
+if [ "$(id -u)" = 0 ] && ! id qemu-executor >/dev/null 2>&1; then
+    log "creating the system user qemu-executor"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin qemu-executor
+fi
+
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     log "adding the wasm32-wasip2 target"
     rustup target add wasm32-wasip2
