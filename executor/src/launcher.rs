@@ -352,25 +352,27 @@ async fn boot_medium(
         }),
         ImageKind::Disk(format) => {
             let overlay = dir.overlay();
-            match std::fs::remove_file(&overlay) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(LaunchError::TaskDir {
-                        path: overlay,
-                        source,
-                    });
-                }
-            }
-            image::create_overlay(image, format, &overlay).await?;
+            // The task directory may belong to qemu's unprivileged user, who
+            // could plant a symlink where the overlay goes. So the overlay is
+            // made and given away in a directory only we can write, and then
+            // renamed into place: rename replaces whatever was planted and
+            // follows no link.
+            let task_dir_error = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| LaunchError::TaskDir { path, source }
+            };
+            let parent = dir.root.parent().unwrap_or(&dir.root);
+            let private = tempfile::Builder::new()
+                .prefix(".overlay-")
+                .tempdir_in(parent)
+                .map_err(task_dir_error(parent))?;
+            let fresh = private.path().join("disk.qcow2");
+            image::create_overlay(image, format, &fresh).await?;
             if let Some((uid, gid)) = owner {
-                std::os::unix::fs::chown(&overlay, Some(uid), Some(gid)).map_err(|source| {
-                    LaunchError::TaskDir {
-                        path: overlay.clone(),
-                        source,
-                    }
-                })?;
+                std::os::unix::fs::lchown(&fresh, Some(uid), Some(gid))
+                    .map_err(task_dir_error(&fresh))?;
             }
+            std::fs::rename(&fresh, &overlay).map_err(task_dir_error(&overlay))?;
             Ok(BootMedium::Disk {
                 path: overlay,
                 format: crate::qemu::cmdline::DiskFormat::Qcow2,
@@ -468,5 +470,42 @@ mod tests {
                 .starts_with("web-")
         );
         assert!(a.root.starts_with(state.path().join("tasks")));
+    }
+
+    #[tokio::test]
+    async fn overlay_replaces_a_planted_symlink_and_leaves_its_target_alone() {
+        let state = tempfile::tempdir().unwrap();
+        let base = state.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let victim = state.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let dir = create_task_dir(state.path(), "disk").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.overlay()).unwrap();
+
+        let task = task(Accelerator::Tcg, true);
+        let medium = boot_medium(
+            ImageKind::Disk(crate::qemu::cmdline::DiskFormat::Raw),
+            &base,
+            &task,
+            &dir,
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(medium, BootMedium::Disk { ref path, .. } if *path == dir.overlay()));
+        let meta = std::fs::symlink_metadata(dir.overlay()).unwrap();
+        assert!(meta.file_type().is_file(), "the overlay is a real file now");
+        assert_eq!(
+            image::detect(&dir.overlay()).unwrap(),
+            ImageKind::Disk(crate::qemu::cmdline::DiskFormat::Qcow2)
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // No private scratch directory is left next to the task directories.
+        let leftovers: Vec<_> = std::fs::read_dir(state.path().join("tasks"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".overlay-"))
+            .collect();
+        assert!(leftovers.is_empty());
     }
 }
