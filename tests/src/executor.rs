@@ -169,7 +169,7 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// An HTTP GET on loopback with a short timeout, by hand so that the test
+/// An HTTP GET on loopback with patient timeouts, by hand so that the test
 /// sees exactly what came through the forward.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
