@@ -131,10 +131,18 @@ fn three_vms_survive_a_sigkill_of_the_agent_and_stop_gracefully_through_the_next
         std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
         std::fs::read_link("/proc/self/ns/mnt").unwrap()
     );
-    let serial = agent
-        .get(&format!("/v1/tasks/{}/logs?serial=true", ids[0]))
-        .unwrap();
-    assert!(serial.body.contains("qe-guest: ready"), "{}", serial.body);
+    // The guest prints its marker after its web servers answer (it pings
+    // its gateway first), so the console may lag the readiness a moment.
+    let serial_path = format!("/v1/tasks/{}/logs?serial=true", ids[0]);
+    let serial = wait_until(Duration::from_secs(60), || {
+        let serial = agent.get(&serial_path).unwrap();
+        serial.body.contains("qe-guest: ready").then_some(serial)
+    });
+    assert!(
+        serial.is_some(),
+        "{}",
+        agent.get(&serial_path).unwrap().body
+    );
 
     // SIGKILL: the VMs run on without their agent.
     agent.run.child.signal(Signal::SIGKILL);
