@@ -13,10 +13,6 @@ use tokio::net::TcpStream;
 
 /// How long one attempt waits for the guest's first bytes.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a new attempt starts while earlier ones are still waiting.
-const ATTEMPT_SPACING: Duration = Duration::from_millis(250);
-/// Attempts waiting at once; with the spacing, covers `ATTEMPT_TIMEOUT`.
-const MAX_ATTEMPTS_IN_FLIGHT: usize = 8;
 
 /// The request sent for an `http` check.
 pub fn http_request(port: &PortMapping) -> String {
@@ -66,28 +62,13 @@ pub async fn probe(port: &PortMapping) -> bool {
 }
 
 /// Probes until the port answers; the caller bounds it with its deadline.
-///
-/// While the guest boots, qemu holds each connection open and delivers it
-/// only when the guest's stack retransmits its way through, so a single
-/// hanging attempt can lag the guest by seconds. Attempts therefore
-/// overlap: a new one starts every `ATTEMPT_SPACING` while older ones
-/// still hang, and the first answer wins.
 pub async fn wait_for(port: &PortMapping) {
-    let mut attempts = tokio::task::JoinSet::new();
-    let mut spacing = tokio::time::interval(ATTEMPT_SPACING);
-    spacing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = spacing.tick(), if attempts.len() < MAX_ATTEMPTS_IN_FLIGHT => {
-                let port = port.clone();
-                attempts.spawn(async move { probe(&port).await });
-            }
-            Some(answered) = attempts.join_next(), if !attempts.is_empty() => {
-                if matches!(answered, Ok(true)) {
-                    return;
-                }
-            }
+        if probe(port).await {
+            return;
         }
+        // Between attempts only: a hanging attempt already took its time.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -159,51 +140,5 @@ mod tests {
         });
         assert!(probe(&port(serving_port, ReadyCheck::Http)).await);
         assert!(probe(&port(serving_port, ReadyCheck::None)).await);
-    }
-
-    /// A listener that holds its first two connections without a word
-    /// (the booting guest), then answers: the answer must come through a
-    /// later attempt while the held ones are still waiting, not after them.
-    #[tokio::test]
-    async fn overlapping_attempts_catch_the_guest_as_it_comes_up() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let p = port(listener.local_addr().unwrap().port(), ReadyCheck::Http);
-        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let holder = held.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                if holder.lock().unwrap().len() < 2 {
-                    holder.lock().unwrap().push(s);
-                    continue;
-                }
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 512];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n").await;
-                });
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(30), wait_for(&p))
-            .await
-            .expect("ready");
-        let held = held.lock().unwrap();
-        assert_eq!(held.len(), 2);
-        for s in held.iter() {
-            // Still open from the client's side: it had not given up yet.
-            // Past the request it sent, nothing: no end of stream.
-            let mut buf = [0u8; 512];
-            let still_waiting = loop {
-                match s.try_read(&mut buf) {
-                    Ok(0) => break false,
-                    Ok(_) => continue,
-                    Err(e) => break e.kind() == std::io::ErrorKind::WouldBlock,
-                }
-            };
-            assert!(
-                still_waiting,
-                "a held attempt was abandoned before the answer"
-            );
-        }
     }
 }
