@@ -228,7 +228,7 @@ def bench_fetch(runs, tables):
                 assert out.split()[0] == digest
             shutil.rmtree(work)
     t.add("qemu-executor fetch", execs)
-    t.add("curl | tee | md5sum", curls)
+    t.add("curl \\| tee \\| md5sum", curls)
     ratio = statistics.median(execs) / statistics.median(curls)
     t.text("ratio executor / curl (medians)", f"**{ratio:.2f}** (goal ≤ 1.0)")
     tables.append(t)
@@ -414,7 +414,7 @@ def bench_ready_and_stop(runs, tables, iso, stubborn, server, work):
         kill_group(q)
     t = Table(
         "Time to ready: the test guest answering HTTP through the forwarded port",
-        "qemu-executor run task.toml (until `ready: tcp`)   vs   qemu-system-x86_64 <same options> & "
+        "qemu-executor run task.toml (until its ready line)   vs   qemu-system-x86_64 <same options> & "
         "until curl -s -m 2 http://127.0.0.1:PORT/; do sleep 0.2; done",
         "The hand-written command uses the executor's options (tcg, 256 MiB, 1 cpu, the ISO "
         "as a read-only cdrom, e1000 with one hostfwd, serial to a file, QMP, -sandbox); both "
@@ -497,9 +497,9 @@ def main():
         if "agent" in only:
             agent = ROOT / "tests/bench/agent.sh"
             if agent.exists():
-                out = sh([str(agent)], cwd=ROOT)
-                t = Table("Agent: 10 VMs", "tests/bench/agent.sh")
-                t.raw = out
+                out = sh([str(agent), "10"], cwd=ROOT)
+                t = Table("Agent: 10 VMs", "tests/bench/agent.sh 10")
+                t.md = out.strip()
                 tables.append(t)
     finally:
         server.close()
@@ -520,7 +520,9 @@ def write_report(args, host, tables):
         "",
     ]
     for t in tables:
-        if hasattr(t, "raw"):
+        if hasattr(t, "md"):
+            out += [t.md, ""]
+        elif hasattr(t, "raw"):
             out += [f"## {t.title}", "", t.note, "", "```", t.raw.rstrip(), "```", "",
                     f"Reproduce: `{t.command}`", ""]
         else:
