@@ -88,16 +88,21 @@ pub struct Spawn<'a> {
     pub die_with_parent: bool,
 }
 
+/// Opens qemu's log for appending: a relaunch adds to what came before.
+pub fn open_log(path: &Path) -> Result<std::fs::File, ProcessError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| ProcessError::Log {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 impl Spawn<'_> {
     pub fn start(&self) -> Result<QemuProcess, ProcessError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log)
-            .map_err(|source| ProcessError::Log {
-                path: self.log.to_path_buf(),
-                source,
-            })?;
+        let log = open_log(self.log)?;
         let log_err = log.try_clone().map_err(|source| ProcessError::Log {
             path: self.log.to_path_buf(),
             source,

@@ -245,14 +245,7 @@ impl ShimSpawn<'_> {
             binary: self.exe.to_path_buf(),
             source,
         };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log)
-            .map_err(|source| ProcessError::Log {
-                path: self.log.to_path_buf(),
-                source,
-            })?;
+        let log = super::process::open_log(self.log)?;
         let log_start = log.metadata().map_or(0, |m| m.len());
         let mut cmd = std::process::Command::new(self.exe);
         cmd.args(self.argv())
