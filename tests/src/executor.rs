@@ -53,6 +53,22 @@ impl Sandbox {
             .collect()
     }
 
+    /// Fails the test if a qemu started from this sandbox is still alive.
+    pub fn assert_no_qemu(&self) {
+        let left = self.live_qemus();
+        assert!(left.is_empty(), "qemu outlived the test: {left:?}");
+    }
+
+    /// The serial consoles of every task run in this sandbox, one after
+    /// the other.
+    pub fn serial_logs(&self) -> String {
+        std::fs::read_dir(self.state_dir().join("tasks"))
+            .expect("a task dir")
+            .flatten()
+            .map(|d| std::fs::read_to_string(d.path().join("serial.log")).unwrap_or_default())
+            .collect()
+    }
+
     /// Writes a file into the sandbox and returns its path.
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
         let p = self.path().join(name);
@@ -145,6 +161,19 @@ impl Running {
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
             }
         }
+    }
+
+    /// Stops the executor with SIGTERM; returns its exit code, stdout and
+    /// stderr.
+    pub fn terminate(mut self) -> (i32, Vec<String>, String) {
+        self.child.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self
+            .child
+            .wait_timeout(Duration::from_secs(60))
+            .expect("wait")
+            .expect("the executor ends after SIGTERM");
+        let stdout = self.drain_stdout();
+        (status.code().unwrap_or(-1), stdout, self.stderr())
     }
 
     /// Everything printed on stderr so far.

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use qemu_executor_tests::executor::{Running, Sandbox, free_port, http_get};
+use qemu_executor_tests::executor::{Sandbox, free_port, http_get};
 use qemu_executor_tests::guest::{guest, md5_of};
 use qemu_executor_tests::http::FileServer;
+use qemu_executor_tests::output::{stderr, stdout};
 use qemu_executor_tests::proc::wait_until;
 
 /// Generous: the guest boots in about 12 s under TCG, slower while
@@ -37,14 +37,6 @@ fn with(text: &str, replacements: &[(&str, &str)]) -> String {
     out
 }
 
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 /// `convert` succeeds, and its output converted again (now as a task
 /// file) gives the same task back.
 fn convert_round_trip(sandbox: &Sandbox, job: &Path) -> String {
@@ -62,25 +54,6 @@ fn convert_round_trip(sandbox: &Sandbox, job: &Path) -> String {
     };
     assert_eq!(body(&stdout(&again)), body(&toml));
     toml
-}
-
-/// Stops the executor with SIGTERM and returns its exit code and stdout.
-fn terminate(mut run: Running) -> (i32, Vec<String>) {
-    run.child.signal(Signal::SIGTERM);
-    let status = run
-        .child
-        .wait_timeout(Duration::from_secs(60))
-        .expect("wait")
-        .expect("the executor ends after SIGTERM");
-    (status.code().unwrap_or(-1), run.drain_stdout())
-}
-
-fn serial_log(sandbox: &Sandbox) -> String {
-    std::fs::read_dir(sandbox.state_dir().join("tasks"))
-        .expect("a task dir")
-        .flatten()
-        .map(|d| std::fs::read_to_string(d.path().join("serial.log")).unwrap_or_default())
-        .collect()
 }
 
 /// qemu's command line, from the `started: qemu pid N` line.
@@ -103,11 +76,6 @@ fn value_after<'a>(argv: &'a [String], flag: &str) -> &'a str {
         .skip_while(|a| *a != flag)
         .nth(1)
         .unwrap_or_else(|| panic!("{flag} in {argv:?}"))
-}
-
-fn assert_no_qemu(sandbox: &Sandbox) {
-    let left = sandbox.live_qemus();
-    assert!(left.is_empty(), "qemu outlived the test: {left:?}");
 }
 
 #[test]
@@ -169,14 +137,14 @@ fn original_generation_converts_runs_and_quits_on_sigterm() {
 
     // The original driver had no graceful shutdown: qemu is told to quit,
     // the guest never sees a power button.
-    let (code, stdout) = terminate(run);
+    let (code, stdout, _) = run.terminate();
     assert_eq!(code, 0, "{stdout:?}");
     assert!(
         stdout.iter().any(|l| l == "ended: stopped: qemu quit"),
         "{stdout:?}"
     );
-    assert!(!serial_log(&sandbox).contains("power button"));
-    assert_no_qemu(&sandbox);
+    assert!(!sandbox.serial_logs().contains("power button"));
+    sandbox.assert_no_qemu();
 }
 
 #[test]
@@ -246,7 +214,7 @@ fn todays_generation_converts_runs_and_powers_off_on_sigterm() {
     let page = http_get(http, "/").expect("the guest answers through the forward");
     assert!(page.contains("qemu-executor test guest"), "{page}");
 
-    let (code, stdout) = terminate(run);
+    let (code, stdout, _) = run.terminate();
     assert_eq!(code, 0, "{stdout:?}");
     assert!(
         stdout
@@ -254,8 +222,12 @@ fn todays_generation_converts_runs_and_powers_off_on_sigterm() {
             .any(|l| l == "ended: stopped: the guest powered off on the ACPI power button"),
         "{stdout:?}"
     );
-    assert!(serial_log(&sandbox).contains("qe-guest: power button, powering off"));
-    assert_no_qemu(&sandbox);
+    assert!(
+        sandbox
+            .serial_logs()
+            .contains("qe-guest: power button, powering off")
+    );
+    sandbox.assert_no_qemu();
 }
 
 #[test]
@@ -272,7 +244,7 @@ fn args_obey_the_operators_allowlist() {
         stderr(&out)
     );
     assert!(!stdout(&out).contains("started:"));
-    assert_no_qemu(&sandbox);
+    sandbox.assert_no_qemu();
 }
 
 #[test]
@@ -303,7 +275,7 @@ fn broken_and_unsupported_jobs_are_refused_with_their_lines() {
         }
         assert!(stdout(&out).is_empty(), "{verb}: {}", stdout(&out));
     }
-    assert_no_qemu(&sandbox);
+    sandbox.assert_no_qemu();
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use qemu_executor_tests::output::{sha256_of, stderr, stdout};
 use qemu_executor_tests::proc::GroupChild;
 use qemu_executor_tests::{executor_bin, policy_wasm};
 use serde_json::Value;
@@ -81,14 +82,6 @@ fn piped(mut cmd: Command) -> Command {
 
 fn code(out: &Output) -> i32 {
     out.status.code().expect("exited, not killed")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn json(out: &Output) -> Value {
@@ -263,11 +256,6 @@ fn sha256_pin_mismatch_names_both_digests() {
 
     let out = scratch.check(&module, "{}", &["--sha256", &actual.to_uppercase()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-}
-
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
 #[test]

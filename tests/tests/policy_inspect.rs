@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use qemu_executor::policy::{Chain, PolicyEngine, PolicyError, PolicySpec};
+use qemu_executor_tests::output::{sha256_of, stderr, stdout, text};
 use qemu_executor_tests::proc::GroupChild;
 use qemu_executor_tests::{executor_bin, policy_wasm};
 use serde_json::Value;
@@ -77,28 +78,6 @@ impl Scratch {
             self.executor(&[&"policy", &"inspect", &policy])
         }
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
 #[test]

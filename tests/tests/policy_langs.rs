@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use qemu_executor_tests::output::text;
 use qemu_executor_tests::proc::GroupChild;
 use qemu_executor_tests::{executor_bin, foreign_policy_wasm};
 use serde_json::Value;
@@ -33,15 +34,6 @@ fn executor(cache: &Path, args: &[&str], extra: &[&Path]) -> Output {
         "qemu-executor did not finish within 300 s"
     );
     child.wait_with_output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn rust_cases(policy: &str) -> PathBuf {

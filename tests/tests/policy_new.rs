@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use qemu_executor_tests::executor_bin;
+use qemu_executor_tests::output::text;
 use qemu_executor_tests::proc::GroupChild;
 
 /// Runs a command in its own process group, killed if it outlives `limit`.
@@ -17,15 +18,6 @@ fn run(mut cmd: Command, limit: Duration) -> Output {
     let status = child.wait_timeout(limit).unwrap();
     assert!(status.is_some(), "did not finish within {limit:?}");
     child.wait_with_output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn executor(cache: &Path) -> Command {

@@ -4,8 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
-use qemu_executor_tests::executor::{Running, Sandbox, free_port, http_get};
+use qemu_executor_tests::executor::{Sandbox, free_port, http_get};
 use qemu_executor_tests::guest::{guest, md5_of};
 use qemu_executor_tests::http::FileServer;
 use qemu_executor_tests::policy_wasm;
@@ -18,32 +17,6 @@ fn task_toml(name: &str, url: &str, checksum: &str, port: u16, extra: &str) -> S
     format!(
         "name = \"{name}\"\nimage_source = \"{url}\"\nchecksum = \"{checksum}\"\nhost_port = {port}\nguest_port = 8080\nmemory_mb = 256\nready_timeout_s = 170\n{extra}"
     )
-}
-
-/// Stops the executor with SIGTERM and returns its exit code and stdout.
-fn terminate(mut run: Running) -> (i32, Vec<String>, String) {
-    run.child.signal(Signal::SIGTERM);
-    let status = run
-        .child
-        .wait_timeout(Duration::from_secs(60))
-        .expect("wait")
-        .expect("the executor ends after SIGTERM");
-    let stdout = run.drain_stdout();
-    (status.code().unwrap_or(-1), stdout, run.stderr())
-}
-
-fn assert_no_qemu(sandbox: &Sandbox) {
-    let left = sandbox.live_qemus();
-    assert!(left.is_empty(), "qemu outlived the test: {left:?}");
-}
-
-fn serial_log(sandbox: &Sandbox) -> String {
-    let tasks = sandbox.state_dir().join("tasks");
-    std::fs::read_dir(&tasks)
-        .expect("a task dir")
-        .flatten()
-        .map(|d| std::fs::read_to_string(d.path().join("serial.log")).unwrap_or_default())
-        .collect()
 }
 
 #[test]
@@ -76,7 +49,7 @@ fn tcg_task_answers_then_powers_off_on_sigterm_and_a_second_run_uses_the_cache()
         assert!(run.stdout_seen.iter().any(|l| l == "accelerator: tcg"));
 
         let stopped_at = Instant::now();
-        let (code, stdout, stderr) = terminate(run);
+        let (code, stdout, stderr) = run.terminate();
         assert_eq!(code, 0, "graceful stop exits 0:\n{stdout:?}\n{stderr}");
         assert!(
             stdout
@@ -94,11 +67,12 @@ fn tcg_task_answers_then_powers_off_on_sigterm_and_a_second_run_uses_the_cache()
         } else {
             assert!(image_line.contains("(cached"), "{image_line}");
         }
-        assert_no_qemu(&sandbox);
+        sandbox.assert_no_qemu();
     }
     // The guest saw the button: the power-off came from inside, over ACPI.
     assert_eq!(
-        serial_log(&sandbox)
+        sandbox
+            .serial_logs()
             .matches("qe-guest: power button, powering off")
             .count(),
         2
@@ -133,9 +107,9 @@ fn kvm_task_on_this_host_still_answers() {
         .unwrap_or_else(|| panic!("never ready:\n{}", run.stderr()));
     let page = http_get(port, "/").expect("the guest answers through the forward");
     assert!(page.contains("qemu-executor test guest"), "{page}");
-    let (code, stdout, _) = terminate(run);
+    let (code, stdout, _) = run.terminate();
     assert_eq!(code, 0, "{stdout:?}");
-    assert_no_qemu(&sandbox);
+    sandbox.assert_no_qemu();
 
     let started: Vec<&String> = stdout
         .iter()
@@ -177,7 +151,7 @@ fn kvm_task_on_this_host_still_answers() {
         again
             .wait_for_line("ready: tcp", BOOT)
             .unwrap_or_else(|| panic!("never ready:\n{}", again.stderr()));
-        let (code, stdout, _) = terminate(again);
+        let (code, stdout, _) = again.terminate();
         assert_eq!(code, 0);
         assert_eq!(
             stdout.iter().filter(|l| l.starts_with("started: ")).count(),
@@ -190,7 +164,7 @@ fn kvm_task_on_this_host_still_answers() {
         assert!(started[0].ends_with("under kvm"), "{started:?}");
         assert_eq!(facts["driver.qemu.kvm"], "usable");
     }
-    assert_no_qemu(&sandbox);
+    sandbox.assert_no_qemu();
 }
 
 #[test]
@@ -214,7 +188,7 @@ fn stubborn_guest_is_killed_at_its_kill_timeout() {
         .unwrap_or_else(|| panic!("never ready:\n{}", run.stderr()));
     assert!(http_get(port, "/").unwrap().contains("stubborn"));
     let stopped_at = Instant::now();
-    let (code, stdout, _) = terminate(run);
+    let (code, stdout, _) = run.terminate();
     let took = stopped_at.elapsed();
     assert_eq!(code, 6, "killed at the timeout exits 6: {stdout:?}");
     assert!(
@@ -231,8 +205,8 @@ fn stubborn_guest_is_killed_at_its_kill_timeout() {
         took < Duration::from_secs(20),
         "then stopped promptly: {took:?}"
     );
-    assert!(!serial_log(&sandbox).contains("powering off"));
-    assert_no_qemu(&sandbox);
+    assert!(!sandbox.serial_logs().contains("powering off"));
+    sandbox.assert_no_qemu();
 }
 
 #[test]
@@ -272,7 +246,7 @@ fn wrong_checksum_is_refused_before_qemu_starts() {
         !task_dirs[0].path().join("qemu.log").exists(),
         "qemu never ran"
     );
-    assert_no_qemu(&sandbox);
+    sandbox.assert_no_qemu();
 }
 
 #[test]
@@ -377,8 +351,8 @@ fn commas_in_paths_and_names_cannot_add_qemu_options() {
         &argv[argv.len() - 3..argv.len() - 1],
         ["-smbios", "type=1,serial=a,,b"]
     );
-    let _ = terminate(run);
-    assert_no_qemu(&sandbox);
+    let _ = run.terminate();
+    sandbox.assert_no_qemu();
 }
 
 #[test]
@@ -448,5 +422,5 @@ fn args_passthrough_cannot_reach_host_files() {
 
     // Refused before anything was fetched or started.
     assert!(server.requests().is_empty(), "{:?}", server.requests());
-    assert_no_qemu(&sandbox);
+    sandbox.assert_no_qemu();
 }
