@@ -16,6 +16,8 @@ fi
 command -v xorriso >/dev/null || packages+=(xorriso)
 command -v cpio >/dev/null || packages+=(cpio)
 command -v curl >/dev/null || packages+=(curl)
+# nomad-proto compiles the Nomad plugin protocol with protoc.
+command -v protoc >/dev/null || packages+=(protobuf-compiler)
 [ -e /usr/lib/ISOLINUX/isolinux.bin ] || packages+=(isolinux)
 [ -e /usr/lib/syslinux/modules/bios/ldlinux.c32 ] || packages+=(syslinux-common)
 
