@@ -7,6 +7,7 @@ pub mod executor;
 pub mod fault;
 pub mod guest;
 pub mod http;
+pub mod nomad;
 pub mod output;
 pub mod proc;
 
