@@ -111,8 +111,6 @@ pub fn uuid() -> String {
 pub struct AllocDir {
     pub alloc_id: String,
     pub task_name: String,
-    /// `<alloc id>/<task name>/<8 hex>`, as Nomad's task runner makes it.
-    pub task_id: String,
     pub dir: PathBuf,
     pub stdout: Fifo,
     pub stderr: Fifo,
@@ -132,11 +130,9 @@ impl AllocDir {
         let logs = dir.join("alloc/logs");
         let stdout = Fifo::create(&logs.join(format!(".{task_name}.stdout.fifo")));
         let stderr = Fifo::create(&logs.join(format!(".{task_name}.stderr.fifo")));
-        let task_id = format!("{alloc_id}/{task_name}/{}", &uuid()[..8]);
         AllocDir {
             alloc_id,
             task_name: task_name.to_string(),
-            task_id,
             dir,
             stdout,
             stderr,
@@ -148,14 +144,22 @@ impl AllocDir {
         self.dir.join(&self.task_name)
     }
 
-    /// A `TaskConfig` for this task with `driver_config` (the msgpack
-    /// bytes of its `config {}`), 256 MB and one core by default.
+    /// A task id for one start of this task:
+    /// `<alloc id>/<task name>/<8 hex>`, as Nomad's task runner makes one
+    /// per driver invocation (slashes and all).
+    pub fn new_task_id(&self) -> String {
+        format!("{}/{}/{}", self.alloc_id, self.task_name, &uuid()[..8])
+    }
+
+    /// A `TaskConfig` for one start of this task, under a fresh task id,
+    /// with `driver_config` (the msgpack bytes of its `config {}`), 256 MB
+    /// and one core by default.
     pub fn task_config(&self, driver_config: Vec<u8>) -> TaskConfigBuilder {
         TaskConfigBuilder {
             alloc: AllocIds {
                 alloc_id: self.alloc_id.clone(),
                 task_name: self.task_name.clone(),
-                task_id: self.task_id.clone(),
+                task_id: self.new_task_id(),
                 dir: self.dir.clone(),
                 stdout: self.stdout.path.clone(),
                 stderr: self.stderr.path.clone(),
@@ -286,8 +290,9 @@ mod tests {
     fn lays_out_the_alloc_and_reads_the_fifos_across_writers() {
         let parent = tempfile::tempdir().unwrap();
         let alloc = AllocDir::new(parent.path(), "web");
-        let parts: Vec<&str> = alloc.task_id.split('/').collect();
-        assert_eq!(parts.len(), 3, "{}", alloc.task_id);
+        let task_id = alloc.new_task_id();
+        let parts: Vec<&str> = task_id.split('/').collect();
+        assert_eq!(parts.len(), 3, "{task_id}");
         assert_eq!(parts[0], alloc.alloc_id);
         assert_eq!(parts[1], "web");
         assert!(parts[2].len() == 8 && parts[2].chars().all(|c| c.is_ascii_hexdigit()));
@@ -323,7 +328,8 @@ mod tests {
             .cpuset_cpus("0,1")
             .port("http", 20000, 8080)
             .build();
-        assert_eq!(config.id, alloc.task_id);
+        assert!(config.id.starts_with(&format!("{}/web/", alloc.alloc_id)));
+        assert_ne!(config.id, task_id, "a fresh id per start");
         assert_eq!(config.stdout_path, alloc.stdout.path.display().to_string());
         let r = config.resources.unwrap();
         assert_eq!(

@@ -9,12 +9,14 @@
 //! - [`plugin`]: the plugin process, its gRPC clients, and the kill
 //!   sequence.
 //! - [`alloc`]: allocation dirs, log FIFOs, `TaskConfig`.
+//! - [`calls`]: the calls a client makes, and readers for their answers.
 //! - [`streams`]: `Fingerprint`, `TaskEvents` and `TaskStats` collectors.
 //! - [`status`]: gRPC error codes and the recoverable-error detail.
 //! - [`schema`]: the hclspec schemas, read and checked.
 //! - [`env`]: sandbox, config and VM reaper of one test.
 
 pub mod alloc;
+pub mod calls;
 pub mod cty;
 pub mod env;
 pub mod handshake;

@@ -90,6 +90,7 @@ pub struct PluginUnderTest {
     /// Whatever came on stdout after the handshake line.
     stray_stdout: Arc<Mutex<Vec<u8>>>,
     stdout_reader: Option<JoinHandle<()>>,
+    stderr_reader: Option<JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
 
@@ -107,7 +108,7 @@ impl PluginUnderTest {
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let lines = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut reader = BufReader::new(stderr_pipe);
             let mut raw = Vec::new();
             while reader.read_until(b'\n', &mut raw).unwrap_or(0) > 0 {
@@ -170,6 +171,7 @@ impl PluginUnderTest {
             stderr,
             stray_stdout,
             stdout_reader: Some(stdout_reader),
+            stderr_reader: Some(stderr_reader),
             status: None,
         }
     }
@@ -265,9 +267,7 @@ impl PluginUnderTest {
     /// up to [`KILL_GRACE`] for the plugin to exit, then SIGKILL to the
     /// plugin's pid only (not its group: go-plugin kills the process).
     /// Then checks that nothing but the handshake ever came on stdout, and
-    /// that stdout was closed with the plugin: a VM shim that inherited
-    /// the plugin's stdout would keep Nomad's pipe open and could write
-    /// into it.
+    /// that stdout and stderr closed with the plugin.
     pub async fn kill(&mut self) -> Killed {
         let shutdown_call = match tokio::time::timeout(
             Duration::from_secs(10),
@@ -291,16 +291,24 @@ impl PluginUnderTest {
                     .expect("the plugin ends after SIGKILL")
             }
         };
-        let reader = self.stdout_reader.take().expect("stdout reader");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !reader.is_finished() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Both pipes close with the plugin unless a process it started
+        // inherited them: a VM shim holding Nomad's pipes to a dead plugin
+        // could write into them, or die of SIGPIPE once Nomad closes them.
+        for (name, reader) in [
+            ("stdout", self.stdout_reader.take()),
+            ("stderr", self.stderr_reader.take()),
+        ] {
+            let reader = reader.expect("pipe reader");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !reader.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(
+                reader.is_finished(),
+                "the plugin's {name} is still open after it exited: a process it started inherited it"
+            );
+            let _ = reader.join();
         }
-        assert!(
-            reader.is_finished(),
-            "the plugin's stdout is still open after it exited: a process it started inherited it"
-        );
-        let _ = reader.join();
         self.assert_no_stray_stdout();
         Killed {
             by_itself,
