@@ -194,7 +194,14 @@ impl Driver for Service {
         request: Request<pb::WaitTaskRequest>,
     ) -> Result<Response<pb::WaitTaskResponse>, Status> {
         let task = self.0.tasks.get(&request.into_inner().task_id)?;
-        let end = task.ended().await;
+        let end = tokio::select! {
+            end = task.ended() => end,
+            // Nomad waits again on the next plugin; this call must not
+            // hold up the exit.
+            _ = self.0.shutdown.cancelled() => {
+                return Err(Status::unavailable("the plugin is shutting down"));
+            }
+        };
         Ok(Response::new(pb::WaitTaskResponse {
             result: Some(end.result),
             err: end.err,
@@ -213,7 +220,12 @@ impl Driver for Service {
             .filter(|d| !d.is_zero())
             .unwrap_or_else(|| Duration::from_secs(task.state().task.kill_timeout_s.into()));
         tracing::info!(task = %request.task_id, timeout_s = timeout.as_secs_f64(), signal = %request.signal, "stopping");
-        task.stop_and_wait(timeout).await;
+        tokio::select! {
+            _ = task.stop_and_wait(timeout) => {}
+            _ = self.0.shutdown.cancelled() => {
+                return Err(Status::unavailable("the plugin is shutting down"));
+            }
+        }
         Ok(Response::new(pb::StopTaskResponse {}))
     }
 
@@ -252,7 +264,7 @@ impl Driver for Service {
             } else {
                 pb::TaskState::Running
             } as i32,
-            started_at: Some(events::timestamp(task.started_at)),
+            started_at: Some(events::timestamp(task.started_at())),
             completed_at: Some(
                 end.as_ref()
                     .map_or(events::ZERO_TIME, |e| events::timestamp(e.at)),

@@ -103,7 +103,7 @@ fn supervise(plugin: &Plugin, task: Arc<NomadTask>, vm: Vm) {
         let settings = tasks::host_settings(&host, &task.config, &state, None);
         let timeout = Duration::from_secs(state.task.ready_timeout_s.into());
         let spent = SystemTime::now()
-            .duration_since(task.started_at)
+            .duration_since(task.started_at())
             .unwrap_or_default();
         let phase = Phase::Booting {
             left: timeout.saturating_sub(spent).max(MIN_BOOT_LEFT),

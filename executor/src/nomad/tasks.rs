@@ -61,6 +61,17 @@ impl NomadTask {
         }
     }
 
+    /// When qemu started: the same for a recovered task as for the one
+    /// that started it (before qemu ran, when the launch began).
+    pub fn started_at(&self) -> SystemTime {
+        let ms = self.state().started_at_ms;
+        if ms == 0 {
+            self.started_at
+        } else {
+            std::time::UNIX_EPOCH + Duration::from_millis(ms)
+        }
+    }
+
     pub fn state(&self) -> DriverState {
         self.state.lock().expect("task state poisoned").clone()
     }
