@@ -12,6 +12,8 @@ mod config;
 mod http;
 mod local;
 mod progress;
+
+pub use progress::Observer as ProgressObserver;
 mod range;
 mod sink;
 
@@ -182,9 +184,19 @@ pub struct Fetched {
 
 /// Downloads images into a [`Cache`]. Cheap to clone: clones share one
 /// HTTP client (and its connection pool).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Fetcher {
     inner: Arc<Inner>,
+    observer: Option<ProgressObserver>,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("inner", &self.inner)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -199,7 +211,17 @@ impl Fetcher {
         let client = http::client(&config).map_err(FetchError::Client)?;
         Ok(Fetcher {
             inner: Arc::new(Inner { config, client }),
+            observer: None,
         })
+    }
+
+    /// This fetcher, telling `observer` how far its downloads are (bytes
+    /// so far, total when known), as often as it logs them.
+    pub fn observed(&self, observer: ProgressObserver) -> Fetcher {
+        Fetcher {
+            inner: self.inner.clone(),
+            observer: Some(observer),
+        }
     }
 
     pub fn config(&self) -> &FetchConfig {
@@ -274,11 +296,19 @@ impl Fetcher {
         let sink = Sink::new(temp, Hasher::new(checksum.algorithm));
         let started = std::time::Instant::now();
         let (sink, body_bytes) = if url.scheme() == "file" {
-            local::copy(&self.inner.config, cache, &url, sink).await?
+            local::copy(&self.inner.config, cache, &url, sink, self.observer.clone()).await?
         } else {
-            http::Download::new(&self.inner, cache, url, source, checksum, sink)
-                .run()
-                .await?
+            http::Download::new(
+                &self.inner,
+                cache,
+                url,
+                source,
+                checksum,
+                sink,
+                self.observer.clone(),
+            )
+            .run()
+            .await?
         };
         tracing::debug!(
             body_bytes,

@@ -15,6 +15,7 @@ pub mod jobfile;
 pub mod kvm;
 pub mod launcher;
 pub mod logtail;
+pub mod nomad;
 pub mod passthrough;
 pub mod policy;
 pub mod qemu;

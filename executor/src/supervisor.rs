@@ -226,6 +226,7 @@ impl Launch<'_> {
                     exit_record: &shim.exit_record,
                     cgroups: &shim.cgroups,
                     mount_namespace: shim.mount_namespace,
+                    forwards: &shim.forwards,
                 }
                 .start()
                 .await?,

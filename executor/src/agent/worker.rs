@@ -274,6 +274,8 @@ fn host_settings(
             exit_record: agent.exit_record_path(&handle.id),
             cgroups,
             mount_namespace: iso.mount_namespace,
+            // The agent keeps the logs in the task directory only.
+            forwards: Vec::new(),
         }),
         chroot: iso.chroot,
         runas: iso.user.as_ref().map(|u| u.name.clone()),

@@ -9,6 +9,7 @@ mod fetch;
 mod fingerprint;
 mod logs;
 mod ls;
+mod nomad_plugin;
 mod policy;
 mod run;
 mod shim;
@@ -103,6 +104,8 @@ pub enum Command {
     Stop(stop::StopArgs),
     /// Print a task's qemu log, or its serial console with --serial.
     Logs(logs::LogsArgs),
+    /// Serve Nomad as its task-driver plugin (Nomad's client starts this).
+    NomadPlugin(nomad_plugin::NomadPluginArgs),
     /// The per-VM shim the agent starts (internal).
     #[command(hide = true)]
     Shim(shim::ShimArgs),
@@ -122,7 +125,8 @@ impl GlobalOpts {
     }
 }
 
-pub fn init_tracing(global: &GlobalOpts) {
+pub fn init_tracing(cli: &Cli) {
+    let global = &cli.global;
     let default = match global.verbose {
         0 => "info",
         1 => "debug",
@@ -135,6 +139,13 @@ pub fn init_tracing(global: &GlobalOpts) {
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
+    if matches!(cli.command, Command::NomadPlugin(_)) {
+        // Nomad's plugin loader reads hclog's JSON from a plugin's stderr.
+        return builder
+            .with_ansi(false)
+            .event_format(qemu_executor::nomad::hclog::HclogFormat)
+            .init();
+    }
     match global.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -162,6 +173,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Status(args) => status::run(args).await,
             Command::Stop(args) => stop::run(args).await,
             Command::Logs(args) => logs::run(args).await,
+            Command::NomadPlugin(args) => nomad_plugin::run(args, &cli.global).await,
             Command::Shim(_) => unreachable!("handled before the runtime"),
         }
     })

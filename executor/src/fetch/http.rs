@@ -135,6 +135,7 @@ impl<'a> Download<'a> {
         source: &'a str,
         expected: &'a Checksum,
         sink: Sink,
+        observer: Option<super::progress::Observer>,
     ) -> Self {
         Download {
             inner,
@@ -147,7 +148,7 @@ impl<'a> Download<'a> {
             ranges: false,
             resumed: false,
             body_bytes: 0,
-            progress: Progress::new(source),
+            progress: Progress::new(source, observer),
         }
     }
 

@@ -17,6 +17,7 @@ pub(super) async fn copy(
     cache: &Cache,
     url: &Url,
     sink: Sink,
+    observer: Option<super::progress::Observer>,
 ) -> Result<(Sink, u64), FetchError> {
     let path = url
         .to_file_path()
@@ -41,7 +42,7 @@ pub(super) async fn copy(
         });
     }
     check_space(cache, meta.len())?;
-    let mut progress = Progress::new(url.as_str());
+    let mut progress = Progress::new(url.as_str(), observer);
     progress.set_total(Some(meta.len()));
     let pump = Pump::start(sink);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);

@@ -15,8 +15,13 @@ const LOG_STEP_PERCENT: u64 = 10;
 /// ...but never more often than this, so small images do not flood the log.
 const LOG_MIN_GAP: Duration = Duration::from_secs(1);
 
+/// Told how far a download is, as often as the log is: for a caller that
+/// reports progress elsewhere (the Nomad plugin's task events).
+pub type Observer = std::sync::Arc<dyn Fn(u64, Option<u64>) + Send + Sync>;
+
 pub struct Progress {
     source: String,
+    observer: Option<Observer>,
     bar: Option<ProgressBar>,
     start: Instant,
     last_log: Instant,
@@ -25,8 +30,9 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(source: &str) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
+    pub fn new(source: &str, observer: Option<Observer>) -> Progress {
+        // An observer reports elsewhere: the log lines stay, the bar goes.
+        let bar = (observer.is_none() && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
@@ -41,6 +47,7 @@ impl Progress {
         let now = Instant::now();
         Progress {
             source: source.to_string(),
+            observer,
             bar,
             start: now,
             last_log: now,
@@ -73,6 +80,9 @@ impl Progress {
         }
         self.last_log = now;
         self.last_step = step;
+        if let Some(observe) = &self.observer {
+            observe(position, self.total);
+        }
         let secs = now.duration_since(self.start).as_secs_f64().max(1e-3);
         tracing::info!(
             source = %self.source,

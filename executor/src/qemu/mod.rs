@@ -2,6 +2,7 @@
 //! process itself and its QMP connection.
 
 pub mod cmdline;
+pub mod forward;
 pub mod image;
 pub mod pidfd;
 pub mod process;

@@ -23,9 +23,12 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt as _;
 
+use super::forward::{Forward, Forwarder};
 use super::pidfd::PidFd;
 use super::process::{ProcessError, ProcessIdentity};
 
+/// How long the final copy of the logs may hold up the exit record.
+const FORWARD_GRACE: Duration = Duration::from_secs(2);
 /// How long the shim gets to start qemu and report its pid.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Signals the shim ignores: a terminal's, or a stray one to its group.
@@ -89,6 +92,9 @@ pub struct ShimArgs {
     pub dir: PathBuf,
     pub qemu: PathBuf,
     pub args: Vec<OsString>,
+    /// Log files to copy elsewhere while qemu runs (a Nomad task's
+    /// stdout and stderr).
+    pub forwards: Vec<Forward>,
 }
 
 /// The shim's body. Its stderr is qemu's log; its stdout is the pipe on
@@ -179,6 +185,12 @@ fn run_inner(args: &ShimArgs) -> std::io::Result<()> {
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(null);
     }
+    let forwarders: Vec<Forwarder> = args
+        .forwards
+        .iter()
+        .cloned()
+        .map(Forwarder::start)
+        .collect();
     let status = loop {
         match child.wait() {
             Ok(status) => break status,
@@ -186,6 +198,9 @@ fn run_inner(args: &ShimArgs) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
     };
+    for forwarder in forwarders {
+        forwarder.finish(FORWARD_GRACE);
+    }
     ExitRecord {
         qemu_pid: identity.pid,
         qemu_start_time: identity.start_time,
@@ -218,6 +233,7 @@ pub struct ShimSpawn<'a> {
     pub exit_record: &'a Path,
     pub cgroups: &'a [PathBuf],
     pub mount_namespace: bool,
+    pub forwards: &'a [Forward],
 }
 
 impl ShimSpawn<'_> {
@@ -231,6 +247,12 @@ impl ShimSpawn<'_> {
         }
         if self.mount_namespace {
             argv.push("--mount-namespace".into());
+        }
+        for forward in self.forwards {
+            argv.push("--forward-from".into());
+            argv.push(forward.from.clone().into());
+            argv.push("--forward-to".into());
+            argv.push(forward.to.clone().into());
         }
         argv.extend(["--dir".into(), self.dir.into(), "--".into()]);
         argv.push(self.qemu.into());
@@ -469,6 +491,10 @@ mod tests {
             exit_record: Path::new("/var/lib/qe/agent/exits/t.json"),
             cgroups: &cgroups,
             mount_namespace: true,
+            forwards: &[Forward {
+                from: PathBuf::from("/var/lib/qe/tasks/t/serial.log"),
+                to: PathBuf::from("/nomad/alloc/a/logs/.web.stdout.fifo"),
+            }],
         };
         let argv: Vec<String> = spawn
             .argv()
@@ -484,6 +510,10 @@ mod tests {
                 "--cgroup",
                 "/sys/fs/cgroup/memory/qe/t",
                 "--mount-namespace",
+                "--forward-from",
+                "/var/lib/qe/tasks/t/serial.log",
+                "--forward-to",
+                "/nomad/alloc/a/logs/.web.stdout.fifo",
                 "--dir",
                 "/var/lib/qe/tasks/t",
                 "--",

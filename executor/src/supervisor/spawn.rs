@@ -21,4 +21,6 @@ pub struct ShimSettings {
     pub exit_record: PathBuf,
     pub cgroups: Vec<PathBuf>,
     pub mount_namespace: bool,
+    /// Logs the shim copies while qemu runs.
+    pub forwards: Vec<crate::qemu::forward::Forward>,
 }

@@ -1,0 +1,417 @@
+//! The plugin's tasks: each is a VM under its shim, started for Nomad or
+//! recovered from the handle Nomad kept. A task's end is published once
+//! (`WaitTask` may ask many times); what it left behind is cleaned up when
+//! it ends, and its directory when Nomad destroys it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nomad_proto::driver::{ExitResult, TaskConfig};
+use policy_sdk::{Accelerator, Task};
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::events::{Events, Subject};
+use super::plugin_config::Host;
+use super::state::{self, DriverState};
+use crate::launcher::{HostSettings, LaunchEvent};
+use crate::qemu::forward::Forward;
+use crate::supervisor::{Ending, ShimSettings, SpawnMode, StopHow, StopSignal, TaskDir};
+
+/// How long a forced destroy waits for the VM to go.
+const DESTROY_WAIT: Duration = Duration::from_secs(30);
+
+/// How a task ended, as `WaitTask` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskEnd {
+    pub result: ExitResult,
+    /// Set when the end was a failure of ours rather than the guest's.
+    pub err: String,
+    pub at: SystemTime,
+}
+
+/// One task of this plugin.
+pub struct NomadTask {
+    pub subject: Subject,
+    /// The config Nomad started it with, echoed in handles.
+    pub config: TaskConfig,
+    pub dir: TaskDir,
+    pub stop: StopSignal,
+    pub started_at: SystemTime,
+    state: Mutex<DriverState>,
+    end: watch::Sender<Option<TaskEnd>>,
+}
+
+impl NomadTask {
+    pub fn new(config: TaskConfig, state: DriverState, started_at: SystemTime) -> NomadTask {
+        NomadTask {
+            subject: Subject {
+                task_id: config.id.clone(),
+                alloc_id: config.alloc_id.clone(),
+                task_name: config.name.clone(),
+            },
+            dir: TaskDir {
+                root: state.task_dir.clone(),
+            },
+            config,
+            stop: StopSignal::default(),
+            started_at,
+            state: Mutex::new(state),
+            end: watch::channel(None).0,
+        }
+    }
+
+    /// When qemu started: the same for a recovered task as for the one
+    /// that started it (before qemu ran, when the launch began).
+    pub fn started_at(&self) -> SystemTime {
+        let ms = self.state().started_at_ms;
+        if ms == 0 {
+            self.started_at
+        } else {
+            std::time::UNIX_EPOCH + Duration::from_millis(ms)
+        }
+    }
+
+    pub fn state(&self) -> DriverState {
+        self.state.lock().expect("task state poisoned").clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut DriverState)) -> DriverState {
+        let mut guard = self.state.lock().expect("task state poisoned");
+        f(&mut guard);
+        guard.clone()
+    }
+
+    pub fn end(&self) -> Option<TaskEnd> {
+        self.end.borrow().clone()
+    }
+
+    /// Waits for the end (at once if it came already).
+    pub async fn ended(&self) -> TaskEnd {
+        let mut rx = self.end.subscribe();
+        loop {
+            if let Some(end) = rx.borrow_and_update().clone() {
+                return end;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives in this task: never reached.
+                return TaskEnd {
+                    result: ExitResult::default(),
+                    err: "the task was dropped".into(),
+                    at: SystemTime::now(),
+                };
+            }
+        }
+    }
+
+    /// Publishes the end once, and cleans up what the VM left (not its
+    /// directory, which holds its logs until Nomad destroys the task).
+    pub fn finish(&self, host: &Host, events: &Events, end: TaskEnd) {
+        if self.end.borrow().is_some() {
+            return;
+        }
+        let message = if end.err.is_empty() {
+            format!(
+                "VM ended: exit code {}, signal {}",
+                end.result.exit_code, end.result.signal
+            )
+        } else {
+            format!("VM ended: {}", end.err)
+        };
+        events.emit(
+            &self.subject,
+            "exited",
+            message,
+            &[
+                ("exit_code", end.result.exit_code.to_string()),
+                ("signal", end.result.signal.to_string()),
+            ],
+        );
+        let state = self.state();
+        crate::agent::isolation::remove_cgroups(&state.cgroups);
+        for leftover in [self.dir.overlay(), self.dir.qmp_socket()] {
+            let _ = std::fs::remove_file(leftover);
+        }
+        if let Err(e) = host
+            .runner
+            .cache
+            .release_lease(&state.task.checksum, &state.key())
+        {
+            tracing::warn!(task = %self.subject.task_id, error = %crate::error_chain(&e), "cannot release the image lease");
+        }
+        self.end.send_replace(Some(end));
+    }
+
+    /// Forgets the task: its directory and what the plugin kept for it.
+    pub fn remove_files(&self, host: &Host) {
+        let key = self.state().key();
+        state::forget(&host.runner.state_dir, &key);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir.root)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(task = %self.subject.task_id, error = %e, "cannot remove the task directory");
+        }
+    }
+
+    /// Asks for a stop and waits for the end.
+    pub async fn stop_and_wait(&self, timeout: Duration) -> TaskEnd {
+        self.stop.request(Some(timeout));
+        self.ended().await
+    }
+
+    /// A forced end: kills at once, waits a bounded time.
+    pub async fn kill(&self) -> Result<(), Status> {
+        self.stop.request(Some(Duration::ZERO));
+        tokio::time::timeout(DESTROY_WAIT, self.ended())
+            .await
+            .map(|_| ())
+            .map_err(|_| Status::internal("the VM did not end after SIGKILL"))
+    }
+}
+
+/// The exit result Nomad gets for a VM's end. Codes follow `run`'s: 0 for
+/// a guest power-off or a graceful stop, 6 with signal 9 when it was killed
+/// at the stop timeout, 5 when qemu failed, 7 when it never got ready.
+pub fn exit_result(ending: &Ending) -> (ExitResult, String) {
+    let code = i32::from(ending.exit_code());
+    let signal = match ending {
+        Ending::Stopped(StopHow::Killed) => libc::SIGKILL,
+        _ => 0,
+    };
+    let err = match ending {
+        Ending::GuestShutdown | Ending::Stopped(_) => String::new(),
+        other => other.to_string(),
+    };
+    (
+        ExitResult {
+            exit_code: code,
+            signal,
+            oom_killed: false,
+        },
+        err,
+    )
+}
+
+/// The exit result of a qemu that ended while no plugin watched, from the
+/// status its shim recorded.
+pub fn exit_result_of_status(status: std::process::ExitStatus) -> ExitResult {
+    use std::os::unix::process::ExitStatusExt as _;
+    ExitResult {
+        exit_code: status.code().unwrap_or(0),
+        signal: status.signal().unwrap_or(0),
+        oom_killed: false,
+    }
+}
+
+/// The launcher's settings for a plugin task: shims that outlive the
+/// plugin, copying the console and qemu's log to Nomad's FIFOs.
+pub fn host_settings(
+    host: &Host,
+    config: &TaskConfig,
+    state: &DriverState,
+    qemu: Option<&crate::fingerprint::QemuInfo>,
+) -> HostSettings {
+    let runner = &host.runner;
+    let iso = &host.isolation;
+    let dir = TaskDir {
+        root: state.task_dir.clone(),
+    };
+    let mut forwards = Vec::new();
+    for (from, to) in [
+        (dir.serial_log(), &config.stdout_path),
+        (dir.qemu_log(), &config.stderr_path),
+    ] {
+        if !to.is_empty() {
+            forwards.push(Forward {
+                from,
+                to: to.into(),
+            });
+        }
+    }
+    HostSettings {
+        qemu: qemu.map_or_else(
+            || crate::fingerprint::QEMU_BINARY.into(),
+            |q| q.binary.clone(),
+        ),
+        qemu_version: qemu.map(|q| q.version.clone()),
+        state_dir: runner.state_dir.clone(),
+        sandbox: runner.config.qemu.sandbox,
+        kvm_stall: (runner.config.qemu.kvm_stall_s > 0)
+            .then(|| Duration::from_secs(runner.config.qemu.kvm_stall_s.into())),
+        spawn: SpawnMode::Shim(ShimSettings {
+            exe: host.exe.clone(),
+            exit_record: state::exit_record(&runner.state_dir, &state.key()),
+            cgroups: state.cgroups.clone(),
+            mount_namespace: iso.mount_namespace,
+            forwards,
+        }),
+        chroot: iso.chroot,
+        runas: iso.user.as_ref().map(|u| u.name.clone()),
+        owner: iso.user.as_ref().map(|u| (u.uid, u.gid)),
+    }
+}
+
+/// Records and reports what the launcher says while the VM runs.
+pub fn on_launch_event(host: &Host, events: &Events, task: &NomadTask, event: LaunchEvent<'_>) {
+    match event {
+        LaunchEvent::Started {
+            accelerator,
+            identity,
+            shim,
+            dir,
+            ..
+        } => {
+            if let Some(user) = &host.isolation.user {
+                // qemu creates its QMP socket as root, before -runas.
+                let socket = dir.join("qmp.sock");
+                if let Err(e) = std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid)) {
+                    tracing::warn!(task = %task.subject.task_id, error = %e, "cannot hand the QMP socket to the VM's user");
+                }
+            }
+            let state = task.update(|s| {
+                s.qemu = identity;
+                s.shim = shim.unwrap_or(identity);
+                s.accelerator = accelerator;
+                s.started_at_ms = crate::qemu::shim::now_ms();
+            });
+            if let Err(e) = state::save(&host.runner.state_dir, &state) {
+                tracing::warn!(task = %task.subject.task_id, error = %e, "cannot save the driver state");
+            }
+            events.emit(
+                &task.subject,
+                "started",
+                format!("qemu started (pid {}) under {accelerator}", identity.pid),
+                &[
+                    ("pid", identity.pid.to_string()),
+                    ("accelerator", accelerator.to_string()),
+                ],
+            );
+        }
+        LaunchEvent::PortReady(port) => {
+            tracing::info!(task = %task.subject.task_id, host = port.host, guest = port.guest, "port ready");
+        }
+        LaunchEvent::Ready { after } => events.emit(
+            &task.subject,
+            "ready",
+            format!("The guest is ready after {:.1}s", after.as_secs_f64()),
+            &[("after_ms", after.as_millis().to_string())],
+        ),
+        LaunchEvent::KvmFallback { reason } => events.emit(
+            &task.subject,
+            "kvm-fallback",
+            format!("KVM failed this guest ({reason}); relaunching it under tcg"),
+            &[("reason", reason.to_string())],
+        ),
+        LaunchEvent::Stopping => {
+            tracing::info!(task = %task.subject.task_id, "stopping the VM");
+        }
+    }
+}
+
+/// The end of a launch or a resumed supervision, for `finish`.
+pub fn end_of(outcome: Result<Ending, String>) -> TaskEnd {
+    match outcome {
+        Ok(ending) => {
+            let (result, err) = exit_result(&ending);
+            TaskEnd {
+                result,
+                err,
+                at: SystemTime::now(),
+            }
+        }
+        Err(err) => TaskEnd {
+            result: ExitResult {
+                exit_code: 5,
+                signal: 0,
+                oom_killed: false,
+            },
+            err,
+            at: SystemTime::now(),
+        },
+    }
+}
+
+/// A task that ran before the accelerator was known: the one asked for.
+pub fn initial_state(
+    task_id: &str,
+    dir: &TaskDir,
+    task: &Task,
+    cgroups: Vec<std::path::PathBuf>,
+) -> DriverState {
+    let nobody = crate::qemu::process::ProcessIdentity {
+        pid: 0,
+        start_time: 0,
+    };
+    DriverState {
+        task_id: task_id.to_string(),
+        task_dir: dir.root.clone(),
+        task: task.clone(),
+        accelerator: Accelerator::Tcg,
+        qemu: nobody,
+        shim: nobody,
+        started_at_ms: 0,
+        cgroups,
+    }
+}
+
+/// Every task this plugin knows, by Nomad's task id.
+#[derive(Default)]
+pub struct Tasks {
+    map: Mutex<std::collections::HashMap<String, Arc<NomadTask>>>,
+}
+
+impl Tasks {
+    pub fn get(&self, id: &str) -> Result<Arc<NomadTask>, Status> {
+        self.map
+            .lock()
+            .expect("tasks poisoned")
+            .get(id)
+            .cloned()
+            .ok_or_else(super::status::not_found)
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.map.lock().expect("tasks poisoned").contains_key(id)
+    }
+
+    pub fn insert(&self, task: Arc<NomadTask>) {
+        self.map
+            .lock()
+            .expect("tasks poisoned")
+            .insert(task.subject.task_id.clone(), task);
+    }
+
+    pub fn remove(&self, id: &str) -> Option<Arc<NomadTask>> {
+        self.map.lock().expect("tasks poisoned").remove(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_results_follow_runs_exit_codes() {
+        let (r, err) = exit_result(&Ending::Stopped(StopHow::Powerdown));
+        assert_eq!((r.exit_code, r.signal, err.as_str()), (0, 0, ""));
+        let (r, err) = exit_result(&Ending::GuestShutdown);
+        assert_eq!((r.exit_code, r.signal, err.as_str()), (0, 0, ""));
+        let (r, _) = exit_result(&Ending::Stopped(StopHow::Killed));
+        assert_eq!((r.exit_code, r.signal), (6, 9));
+        let (r, err) = exit_result(&Ending::QemuExited {
+            status: "exit status 1".into(),
+            log_tail: "boom".into(),
+        });
+        assert_eq!(r.exit_code, 5);
+        assert!(err.contains("boom"), "{err}");
+    }
+
+    #[test]
+    fn a_recorded_status_keeps_code_and_signal() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let killed = exit_result_of_status(std::process::ExitStatus::from_raw(9));
+        assert_eq!((killed.exit_code, killed.signal), (0, 9));
+        let failed = exit_result_of_status(std::process::ExitStatus::from_raw(1 << 8));
+        assert_eq!((failed.exit_code, failed.signal), (1, 0));
+    }
+}
