@@ -23,7 +23,7 @@ use nomad_proto::driver::{
 };
 use nomad_proto::structs::attribute::Value as AttrValue;
 use qemu_executor_tests::agent::{BOOT, POWER_OFF_LINE};
-use qemu_executor_tests::executor::{Sandbox, free_port};
+use qemu_executor_tests::executor::{Sandbox, free_port, http_get};
 use qemu_executor_tests::guest::{guest, md5_of};
 use qemu_executor_tests::http::FileServer;
 use qemu_executor_tests::nomad::calls::{
@@ -36,7 +36,7 @@ use qemu_executor_tests::nomad::cty::{
 };
 use qemu_executor_tests::nomad::schema::{Attribute, object_attributes};
 use qemu_executor_tests::nomad::status::{expect_code, expect_error, recoverable};
-use qemu_executor_tests::nomad::{NomadEnv, PluginUnderTest, plugin_command};
+use qemu_executor_tests::nomad::{End, NomadEnv, PluginUnderTest, plugin_command};
 use qemu_executor_tests::policy_wasm;
 use qemu_executor_tests::proc::GroupChild;
 use tonic::Code;
@@ -91,6 +91,22 @@ fn guest_task(url: &str, checksum: &str) -> Vec<u8> {
     .encode()
 }
 
+/// qemu's command line, from /proc.
+fn qemu_argv(pid: &str) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_else(|e| panic!("qemu {pid} is gone: {e}"));
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The value after `flag` in `argv`.
+fn option<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = argv.iter().position(|a| a == flag)?;
+    argv.get(i + 1).map(String::as_str)
+}
+
 /// Kills `plugin` the Nomad way and checks it went by itself, cleanly,
 /// having logged only hclog JSON.
 async fn kill_cleanly(plugin: &mut PluginUnderTest) {
@@ -101,6 +117,12 @@ async fn kill_cleanly(plugin: &mut PluginUnderTest) {
         killed.shutdown_call
     );
     assert_eq!(killed.status.code(), Some(0), "{killed:?}");
+    // A Go plugin's listener unlinks its socket on the way out.
+    assert!(
+        !plugin.socket.exists(),
+        "the plugin left its socket behind: {}",
+        plugin.socket.display()
+    );
     plugin.assert_stderr_is_hclog();
 }
 
@@ -367,11 +389,15 @@ async fn start_wait_stop_recover() {
 
     let alloc = env.alloc("web");
     let port = free_port();
+    let config = task_config([
+        ("image_source", Value::from(server.url("guest.iso"))),
+        ("checksum", Value::from(md5_of(&guest.cooperative))),
+        ("accelerator", Value::from("tcg")),
+        ("ready_check", Value::from("http")),
+        ("ready_timeout_s", Value::Int(280)),
+    ]);
     let task = alloc
-        .task_config(guest_task(
-            &server.url("guest.iso"),
-            &md5_of(&guest.cooperative),
-        ))
+        .task_config(config.encode())
         .memory_mb(256)
         .port("http", port, 8080)
         .build();
@@ -388,7 +414,18 @@ async fn start_wait_stop_recover() {
         "the handle holds the task config"
     );
 
-    // The guest answers through the port Nomad allocated.
+    // The ready check's event says the guest answered: one GET at once
+    // must then get an answer through the port Nomad allocated.
+    let ready = events
+        .wait_for(BOOT, |e| e.task_id == task.id && stage(e) == "ready")
+        .await
+        .unwrap_or_else(|| panic!("no ready event: {:#?}", events_of(&events, &task.id)));
+    assert!(ready.timestamp.is_some(), "{ready:?}");
+    let page = tokio::task::spawn_blocking(move || http_get(port, "/"))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("ready event, but the guest does not answer: {ready:?}"));
+    assert!(page.contains(GUEST_PAGE), "{page}");
     let page = wait_http(port, BOOT)
         .await
         .unwrap_or_else(|| panic!("the guest never answered on {port}"));
@@ -526,6 +563,9 @@ async fn start_wait_stop_recover() {
     assert_eq!(again_status.started_at, Some(started_at));
     assert_eq!(again.driver.expect("driver").attributes["pid"], pid);
 
+    let stats = open_stats(&b, &task.id, Duration::from_secs(1))
+        .await
+        .expect("TaskStats of a recovered task");
     let mut waiter = b.driver();
     let wait_id = task.id.clone();
     let wait =
@@ -562,6 +602,15 @@ async fn start_wait_stop_recover() {
     .into_inner();
     assert_eq!(repeat.result, Some(result));
     assert!(
+        matches!(
+            stats.wait_end(Duration::from_secs(10)).await,
+            Some(End::Eof)
+        ),
+        "TaskStats ends when the task exits: {:?}, {} samples",
+        stats.end(),
+        stats.items().len()
+    );
+    assert!(
         alloc
             .stdout
             .wait_for(POWER_OFF_LINE, Duration::from_secs(30))
@@ -577,6 +626,7 @@ async fn start_wait_stop_recover() {
     assert_eq!(ended.state(), TaskState::Exited);
     let completed = ended.completed_at.expect("completed_at");
     assert!(completed.seconds >= started_at.seconds, "{completed:?}");
+    assert_eq!(ended.result, Some(result), "InspectTask's exit result");
 
     b.driver()
         .destroy_task(DestroyTaskRequest {
@@ -603,9 +653,16 @@ async fn errors_as_nomad_reads_them() {
         "nomad-errors",
         "[fetch]\nmax_attempts = 2\nretry_base_delay_ms = 100\n",
     );
+    // Images from 127.0.0.1 over HTTP, or from the allocations' dirs.
     let allowlist = inline_policy(
         "image-allowlist",
-        r#"{"schemes":["http"],"hosts":["127.0.0.1"],"algorithms":["md5","sha256"]}"#,
+        &serde_json::json!({
+            "schemes": ["http", "file"],
+            "hosts": ["127.0.0.1"],
+            "prefixes": [format!("file://{}/allocs/", env.sandbox.path().display())],
+            "algorithms": ["md5", "sha256"],
+        })
+        .to_string(),
     );
     let mut plugin = env.start_plugin().await;
     set_config(
@@ -785,11 +842,24 @@ async fn errors_as_nomad_reads_them() {
     let running = env.alloc("running");
     let task = running
         .task_config(guest_task(&url, &checksum))
+        .memory_mb(320)
+        .cpuset_cpus("0,1")
         .port("http", free_port(), 8080)
         .build();
     start_task(&plugin, &task)
         .await
         .unwrap_or_else(|e| panic!("StartTask: {e}"));
+    // Memory and cores come from what Nomad allocated.
+    let pid = inspect(&plugin, &task.id)
+        .await
+        .expect("InspectTask")
+        .driver
+        .expect("driver status")
+        .attributes["pid"]
+        .clone();
+    let argv = qemu_argv(&pid);
+    assert_eq!(option(&argv, "-m"), Some("320"), "{argv:?}");
+    assert_eq!(option(&argv, "-smp"), Some("2"), "{argv:?}");
     let id = || task.id.clone();
     expect_code(
         "SignalTask",
@@ -849,6 +919,13 @@ async fn errors_as_nomad_reads_them() {
     );
     let still = inspect(&plugin, &task.id).await.expect("InspectTask");
     assert_eq!(still.task.unwrap().state(), TaskState::Running);
+    // No ready check and no ready_serial: nothing may claim the guest is
+    // ready (the forwarded port accepts connections long before it is).
+    // Checked at the end, so that a failure here hides nothing else.
+    let ready_without_check: Vec<_> = events_of(&events, &task.id)
+        .into_iter()
+        .filter(|e| stage(e) == "ready")
+        .collect();
     d.destroy_task(DestroyTaskRequest {
         task_id: id(),
         force: true,
@@ -862,9 +939,11 @@ async fn errors_as_nomad_reads_them() {
     );
     env.assert_no_vm();
 
-    // An image Nomad's artifact stanza put in the task directory.
+    // An image Nomad's artifact stanza put in the task directory, of a
+    // guest that ignores the power button: StopTask kills it at the
+    // timeout, and WaitTask says so.
     let local = env.alloc("local");
-    std::fs::copy(&guest.cooperative, local.task_dir().join("local/guest.iso")).unwrap();
+    std::fs::copy(&guest.stubborn, local.task_dir().join("local/guest.iso")).unwrap();
     let task = local
         .task_config(
             task_config([
@@ -881,13 +960,42 @@ async fn errors_as_nomad_reads_them() {
         .handle
         .expect("a handle");
     assert_eq!(handle.state(), TaskState::Running);
-    d.destroy_task(DestroyTaskRequest {
+    d.stop_task(StopTaskRequest {
         task_id: task.id.clone(),
-        force: true,
+        timeout: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        signal: "SIGINT".into(),
     })
     .await
-    .expect("DestroyTask with force");
+    .expect("StopTask");
+    let exit = tokio::time::timeout(
+        Duration::from_secs(10),
+        d.wait_task(WaitTaskRequest {
+            task_id: task.id.clone(),
+        }),
+    )
+    .await
+    .expect("WaitTask after StopTask returns at once")
+    .expect("WaitTask")
+    .into_inner();
+    assert_eq!(
+        exit.result.as_ref().map(|r| r.signal),
+        Some(9),
+        "killed at the stop timeout: {exit:?}"
+    );
+    d.destroy_task(DestroyTaskRequest {
+        task_id: task.id.clone(),
+        force: false,
+    })
+    .await
+    .expect("DestroyTask of a task killed at its stop timeout");
     env.assert_no_vm();
 
     kill_cleanly(&mut plugin).await;
+    assert!(
+        ready_without_check.is_empty(),
+        "a ready event for a task without a ready check: {ready_without_check:#?}"
+    );
 }

@@ -58,7 +58,8 @@ pub fn expect_code<T: Debug>(what: &str, result: Result<T, Status>, code: Code) 
     }
 }
 
-/// As [`expect_code`], and the message must contain each of `needles`.
+/// As [`expect_code`], and the message must mention each of `needles`
+/// (in any case: "Checksum mismatch" mentions the checksum).
 pub fn expect_error<T: Debug>(
     what: &str,
     result: Result<T, Status>,
@@ -66,9 +67,10 @@ pub fn expect_error<T: Debug>(
     needles: &[&str],
 ) -> Status {
     let status = expect_code(what, result, code);
+    let message = status.message().to_lowercase();
     for needle in needles {
         assert!(
-            status.message().contains(needle),
+            message.contains(&needle.to_lowercase()),
             "{what}: the {code:?} message should mention {needle:?}: {}",
             status.message()
         );
