@@ -6,14 +6,16 @@ use std::time::{Duration, Instant};
 
 use nomad_proto::base::{NomadConfig, NomadDriverConfig, SetConfigRequest};
 use nomad_proto::driver::{
-    DriverTaskEvent, FingerprintRequest, FingerprintResponse, InspectTaskRequest,
-    InspectTaskResponse, StartTaskRequest, StartTaskResponse, TaskConfig, TaskEventsRequest,
-    TaskStatsRequest, TaskStatsResponse,
+    DestroyTaskRequest, DriverTaskEvent, FingerprintRequest, FingerprintResponse,
+    InspectTaskRequest, InspectTaskResponse, StartTaskRequest, StartTaskResponse, StopTaskRequest,
+    TaskConfig, TaskEventsRequest, TaskStatsRequest, TaskStatsResponse, WaitTaskRequest,
+    WaitTaskResponse,
 };
 use nomad_proto::handshake::DRIVER_API_VERSION;
 use nomad_proto::structs::attribute::Value as AttrValue;
 use tonic::Status;
 
+use super::cty::{Value, policy_block, task_config};
 use super::plugin::PluginUnderTest;
 use super::streams::Collector;
 use crate::executor::http_get;
@@ -81,10 +83,7 @@ pub async fn open_stats(
         .driver()
         .task_stats(TaskStatsRequest {
             task_id: task_id.to_string(),
-            collection_interval: Some(prost_types::Duration {
-                seconds: interval.as_secs() as i64,
-                nanos: interval.subsec_nanos() as i32,
-            }),
+            collection_interval: Some(proto_duration(interval)),
         })
         .await?
         .into_inner();
@@ -122,6 +121,55 @@ pub async fn start_task(
     .map(|r| r.into_inner())
 }
 
+/// `StopTask` with Nomad's `kill_timeout` and `kill_signal`.
+pub async fn stop_task(
+    plugin: &PluginUnderTest,
+    task_id: &str,
+    timeout: Duration,
+    signal: &str,
+) -> Result<(), Status> {
+    plugin
+        .driver()
+        .stop_task(StopTaskRequest {
+            task_id: task_id.to_string(),
+            timeout: Some(proto_duration(timeout)),
+            signal: signal.to_string(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// `WaitTask`; panics if it does not return within `within`.
+pub async fn wait_task(
+    plugin: &PluginUnderTest,
+    task_id: &str,
+    within: Duration,
+) -> Result<WaitTaskResponse, Status> {
+    let mut driver = plugin.driver();
+    let call = driver.wait_task(WaitTaskRequest {
+        task_id: task_id.to_string(),
+    });
+    tokio::time::timeout(within, call)
+        .await
+        .unwrap_or_else(|_| panic!("WaitTask of {task_id} did not return in {within:?}"))
+        .map(|r| r.into_inner())
+}
+
+pub async fn destroy_task(
+    plugin: &PluginUnderTest,
+    task_id: &str,
+    force: bool,
+) -> Result<(), Status> {
+    plugin
+        .driver()
+        .destroy_task(DestroyTaskRequest {
+            task_id: task_id.to_string(),
+            force,
+        })
+        .await
+        .map(|_| ())
+}
+
 pub async fn inspect(
     plugin: &PluginUnderTest,
     task_id: &str,
@@ -133,6 +181,61 @@ pub async fn inspect(
         })
         .await
         .map(|r| r.into_inner())
+}
+
+/// qemu's pid as `InspectTask` reports it (`driver.attributes["pid"]`).
+pub async fn qemu_pid(plugin: &PluginUnderTest, task_id: &str) -> String {
+    let status = inspect(plugin, task_id)
+        .await
+        .unwrap_or_else(|e| panic!("InspectTask {task_id}: {e}"));
+    status
+        .driver
+        .and_then(|d| d.attributes.get("pid").cloned())
+        .unwrap_or_else(|| panic!("no pid attribute for {task_id}"))
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// An inline `policy {}` block for a shipped policy with JSON settings.
+pub fn inline_policy(crate_name: &str, settings: &str) -> Value {
+    policy_block([
+        (
+            "module",
+            Value::from(crate::policy_wasm(crate_name).display().to_string()),
+        ),
+        ("settings", Value::from(settings)),
+    ])
+}
+
+/// The task config of the test guest fetched from `url` under TCG.
+pub fn guest_task(url: &str, checksum: &str) -> Vec<u8> {
+    task_config([
+        ("image_source", Value::from(url)),
+        ("checksum", Value::from(checksum)),
+        ("accelerator", Value::from("tcg")),
+    ])
+    .encode()
+}
+
+/// A process's command line, from /proc.
+pub fn argv_of(pid: &str) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The value after `flag` in `argv`.
+pub fn option<'a>(argv: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = argv.iter().position(|a| a == flag)?;
+    argv.get(i + 1).map(String::as_str)
 }
 
 /// An event's annotation.

@@ -316,6 +316,25 @@ impl PluginUnderTest {
             shutdown_call,
         }
     }
+
+    /// [`PluginUnderTest::kill`], checking that the plugin went by itself
+    /// with status 0, removed its socket (a Go plugin's listener unlinks
+    /// it), and logged nothing but hclog JSON.
+    pub async fn kill_cleanly(&mut self) {
+        let killed = self.kill().await;
+        assert!(
+            killed.by_itself,
+            "the plugin needed SIGKILL after the controller's Shutdown ({:?})",
+            killed.shutdown_call
+        );
+        assert_eq!(killed.status.code(), Some(0), "{killed:?}");
+        assert!(
+            !self.socket.exists(),
+            "the plugin left its socket behind: {}",
+            self.socket.display()
+        );
+        self.assert_stderr_is_hclog();
+    }
 }
 
 impl Drop for PluginUnderTest {
