@@ -81,18 +81,12 @@ async fn world(name: &str) -> World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_before_any_vm() {
-    let World {
-        events,
-        mut plugin,
-        env,
-        server,
-        url,
-        checksum,
-    } = world("nomad-refusals").await;
+    let mut w = world("nomad-refusals").await;
+    let (url, checksum) = (w.url.clone(), w.checksum.clone());
 
     // Unknown task ids.
     let ghost = format!("{}/ghost/0123abcd", uuid());
-    let mut d = plugin.driver();
+    let mut d = w.plugin.driver();
     let second = Duration::from_secs(1);
     let stats = d.task_stats(TaskStatsRequest {
         task_id: ghost.clone(),
@@ -101,11 +95,11 @@ async fn refusals_before_any_vm() {
     let not_found = [
         (
             "WaitTask",
-            wait_task(&plugin, &ghost, second * 10).await.map(|_| ()),
+            wait_task(&w.plugin, &ghost, second * 10).await.map(|_| ()),
         ),
-        ("InspectTask", inspect(&plugin, &ghost).await.map(|_| ())),
-        ("StopTask", stop_task(&plugin, &ghost, second, "").await),
-        ("DestroyTask", destroy_task(&plugin, &ghost, true).await),
+        ("InspectTask", inspect(&w.plugin, &ghost).await.map(|_| ())),
+        ("StopTask", stop_task(&w.plugin, &ghost, second, "").await),
+        ("DestroyTask", destroy_task(&w.plugin, &ghost, true).await),
         ("TaskStats", Err(stream_error(stats.await).await)),
     ];
     for (call, result) in not_found {
@@ -113,7 +107,7 @@ async fn refusals_before_any_vm() {
     }
 
     // Malformed task configs: nothing may start.
-    let alloc = env.alloc("bad");
+    let alloc = w.env.alloc("bad");
     let start = |config: Vec<u8>| {
         alloc
             .task_config(config)
@@ -156,30 +150,35 @@ async fn refusals_before_any_vm() {
         let task = start(bytes);
         expect_error(
             &format!("StartTask with {what}"),
-            start_task(&plugin, &task).await,
+            start_task(&w.plugin, &task).await,
             Code::InvalidArgument,
             needles,
         );
         assert!(
-            !events_of(&events, &task.id)
+            !events_of(&w.events, &task.id)
                 .iter()
                 .any(|e| stage(e) == "started"),
             "{what}: a VM started"
         );
     }
-    assert!(env.vm_processes().is_empty(), "{:?}", env.vm_processes());
+    assert!(
+        w.env.vm_processes().is_empty(),
+        "{:?}",
+        w.env.vm_processes()
+    );
 
     // A policy rejection, before any download.
-    let gets = server.body_requests();
+    let gets = w.server.body_requests();
     let elsewhere = url.replace("127.0.0.1", "localhost");
     let task = start(guest_task(&elsewhere, &checksum));
     expect_error(
         "StartTask rejected by image-allowlist",
-        start_task(&plugin, &task).await,
+        start_task(&w.plugin, &task).await,
         Code::PermissionDenied,
         &["image-allowlist", "not from an allowed host or prefix"],
     );
-    let rejected = events
+    let rejected = w
+        .events
         .wait_for(Duration::from_secs(10), |e| {
             e.task_id == task.id && stage(e) == "policy"
         })
@@ -188,18 +187,23 @@ async fn refusals_before_any_vm() {
     assert_eq!(annotation(&rejected, "policy"), Some("image-allowlist"));
     assert_eq!(annotation(&rejected, "decision"), Some("reject"));
     assert!(rejected.timestamp.is_some());
-    assert_eq!(server.body_requests(), gets, "fetched a rejected image");
+    assert_eq!(w.server.body_requests(), gets, "fetched a rejected image");
 
     // A bad checksum: not recoverable, and nothing left in the cache.
     let wrong = format!("md5:{}", "0".repeat(32));
     let status = expect_error(
         "StartTask with a wrong checksum",
-        start_task(&plugin, &start(guest_task(&url, &wrong))).await,
+        start_task(&w.plugin, &start(guest_task(&url, &wrong))).await,
         Code::InvalidArgument,
         &["checksum"],
     );
     assert_eq!(recoverable(&status), None, "{status:?}");
-    let cache = env.sandbox.cache_dir();
+    let cache = w.env.sandbox.cache_dir();
+    assert!(
+        cache.join("tmp").is_dir(),
+        "the download did not go through {}: the check below would prove nothing",
+        cache.display()
+    );
     for sub in ["images", "tmp"] {
         let left: Vec<_> = std::fs::read_dir(cache.join(sub))
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
@@ -214,7 +218,7 @@ async fn refusals_before_any_vm() {
     let closed = format!("http://127.0.0.1:{}/guest.iso", free_port());
     let status = expect_code(
         "StartTask from a closed port",
-        start_task(&plugin, &start(guest_task(&closed, &checksum))).await,
+        start_task(&w.plugin, &start(guest_task(&closed, &checksum))).await,
         Code::FailedPrecondition,
     );
     assert_eq!(
@@ -223,35 +227,29 @@ async fn refusals_before_any_vm() {
         "{status:?}"
     );
 
-    plugin.kill_cleanly().await;
+    w.plugin.kill_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_on_running_tasks() {
     let guest = guest();
-    let World {
-        events,
-        mut plugin,
-        env,
-        server: _server,
-        url,
-        checksum,
-    } = world("nomad-running").await;
-    let mut d = plugin.driver();
+    let mut w = world("nomad-running").await;
+    let (url, checksum) = (w.url.clone(), w.checksum.clone());
+    let mut d = w.plugin.driver();
 
     // A running task: unsupported calls, and destroy without force.
-    let running = env.alloc("running");
+    let running = w.env.alloc("running");
     let task = running
         .task_config(guest_task(&url, &checksum))
         .memory_mb(320)
         .cpuset_cpus("0,1")
         .port("http", free_port(), 8080)
         .build();
-    start_task(&plugin, &task)
+    start_task(&w.plugin, &task)
         .await
         .unwrap_or_else(|e| panic!("StartTask: {e}"));
     // Memory and cores come from what Nomad allocated.
-    let argv = argv_of(&qemu_pid(&plugin, &task.id).await);
+    let argv = argv_of(&qemu_pid(&w.plugin, &task.id).await);
     assert_eq!(option(&argv, "-m"), Some("320"), "{argv:?}");
     assert_eq!(option(&argv, "-smp"), Some("2"), "{argv:?}");
     let id = || task.id.clone();
@@ -304,32 +302,32 @@ async fn calls_on_running_tasks() {
     );
     expect_code(
         "DestroyTask of a running task without force",
-        destroy_task(&plugin, &task.id, false).await,
+        destroy_task(&w.plugin, &task.id, false).await,
         Code::FailedPrecondition,
     );
-    let still = inspect(&plugin, &task.id).await.expect("InspectTask");
+    let still = inspect(&w.plugin, &task.id).await.expect("InspectTask");
     assert_eq!(still.task.unwrap().state(), TaskState::Running);
     // No ready check and no ready_serial: nothing may claim the guest is
     // ready (the forwarded port accepts connections long before it is).
     // Checked at the end, so that a failure here hides nothing else.
-    let ready_without_check: Vec<_> = events_of(&events, &task.id)
+    let ready_without_check: Vec<_> = events_of(&w.events, &task.id)
         .into_iter()
         .filter(|e| stage(e) == "ready")
         .collect();
-    destroy_task(&plugin, &task.id, true)
+    destroy_task(&w.plugin, &task.id, true)
         .await
         .expect("DestroyTask with force");
     expect_code(
         "InspectTask after a forced DestroyTask",
-        inspect(&plugin, &task.id).await,
+        inspect(&w.plugin, &task.id).await,
         Code::NotFound,
     );
-    env.assert_no_vm();
+    w.env.assert_no_vm();
 
     // An image Nomad's artifact stanza put in the task directory, of a
     // guest that ignores the power button: StopTask kills it at the
     // timeout, and WaitTask says so.
-    let local = env.alloc("local");
+    let local = w.env.alloc("local");
     std::fs::copy(&guest.stubborn, local.task_dir().join("local/guest.iso")).unwrap();
     let task = local
         .task_config(
@@ -341,16 +339,16 @@ async fn calls_on_running_tasks() {
         )
         .port("http", free_port(), 8080)
         .build();
-    let handle = start_task(&plugin, &task)
+    let handle = start_task(&w.plugin, &task)
         .await
         .unwrap_or_else(|e| panic!("StartTask with image_path: {e}"))
         .handle
         .expect("a handle");
     assert_eq!(handle.state(), TaskState::Running);
-    stop_task(&plugin, &task.id, Duration::from_secs(2), "SIGINT")
+    stop_task(&w.plugin, &task.id, Duration::from_secs(2), "SIGINT")
         .await
         .expect("StopTask");
-    let exit = wait_task(&plugin, &task.id, Duration::from_secs(10))
+    let exit = wait_task(&w.plugin, &task.id, Duration::from_secs(10))
         .await
         .expect("WaitTask after StopTask");
     assert_eq!(
@@ -358,12 +356,12 @@ async fn calls_on_running_tasks() {
         Some(9),
         "killed at the stop timeout: {exit:?}"
     );
-    destroy_task(&plugin, &task.id, false)
+    destroy_task(&w.plugin, &task.id, false)
         .await
         .expect("DestroyTask of a task killed at its stop timeout");
-    env.assert_no_vm();
+    w.env.assert_no_vm();
 
-    plugin.kill_cleanly().await;
+    w.plugin.kill_cleanly().await;
     assert!(
         ready_without_check.is_empty(),
         "a ready event for a task without a ready check: {ready_without_check:#?}"

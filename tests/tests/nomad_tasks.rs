@@ -302,6 +302,10 @@ async fn start_wait_stop_recover() {
     let wait_id = task.id.clone();
     let wait =
         tokio::spawn(async move { waiter.wait_task(WaitTaskRequest { task_id: wait_id }).await });
+    // Nomad's task runner waits from the start: the call blocks while the
+    // VM runs (half a second shows it was not answered at once).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!wait.is_finished(), "WaitTask returned while the VM runs");
     stop_task(&b, &task.id, Duration::from_secs(30), "")
         .await
         .expect("StopTask");
