@@ -222,6 +222,24 @@ async fn handshake_and_plugin_info() {
     );
     assert_eq!(two[1].health(), HealthState::Healthy);
 
+    // Ctrl-C at the agent's terminal reaches the plugin too: it must stay
+    // for the agent to shut it down in order.
+    plugin.signal(nix::sys::signal::Signal::SIGINT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(plugin.exited().is_none(), "SIGINT ended the plugin");
+    let health = plugin
+        .health()
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "plugin".into(),
+        })
+        .await
+        .expect("health Check after SIGINT")
+        .into_inner();
+    assert_eq!(
+        health.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
     // Agent shutdown: the driver's Shutdown, then the controller's.
     plugin
         .driver()

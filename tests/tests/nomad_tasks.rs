@@ -363,25 +363,22 @@ async fn start_wait_stop_recover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn port_map_and_quit_without_graceful_shutdown() {
+async fn port_map_logs_without_a_plugin_and_quit() {
     let guest = guest();
     let server = FileServer::start(guest.dir()).unwrap();
     let env = NomadEnv::new("nomad-portmap", "");
-    let mut plugin = env.start_plugin().await;
-    set_config(
-        &plugin,
-        plugin_config([], vec![]).encode(),
-        Some(nomad_config()),
-    )
-    .await
-    .expect("SetConfig");
-    plugin.driver().init(InitRequest {}).await.expect("Init");
+    let config = plugin_config([], vec![]).encode();
+    let mut a = env.start_plugin().await;
+    set_config(&a, config.clone(), Some(nomad_config()))
+        .await
+        .expect("SetConfig");
+    a.driver().init(InitRequest {}).await.expect("Init");
 
     // Two group ports; port_map forwards "web" alone, to the guest's 8081
     // whatever its `to` says.
     let alloc = env.alloc("mapped");
     let (web, admin) = (free_port(), free_port());
-    let config = task_config([
+    let task_cfg = task_config([
         ("image_source", Value::from(server.url("guest.iso"))),
         ("checksum", Value::from(md5_of(&guest.cooperative))),
         ("accelerator", Value::from("tcg")),
@@ -392,13 +389,19 @@ async fn port_map_and_quit_without_graceful_shutdown() {
         ("graceful_shutdown", Value::Bool(false)),
     ]);
     let task = alloc
-        .task_config(config.encode())
+        .task_config(task_cfg.encode())
         .port("web", web, 8080)
         .port("admin", admin, 0)
         .build();
-    start_task(&plugin, &task)
+    let handle = start_task(&a, &task)
         .await
-        .unwrap_or_else(|e| panic!("StartTask: {e}"));
+        .unwrap_or_else(|e| panic!("StartTask: {e}"))
+        .handle
+        .expect("a handle");
+
+    // The plugin goes at once: the guest boots with no plugin running, and
+    // its console still reaches the FIFO (the VM's shim writes it).
+    a.kill_cleanly().await;
     let page = wait_http(web, BOOT)
         .await
         .unwrap_or_else(|| panic!("the guest never answered on {web}"));
@@ -416,9 +419,23 @@ async fn port_map_and_quit_without_graceful_shutdown() {
             .stdout
             .wait_for(GUEST_READY, Duration::from_secs(60))
             .await,
-        "{:?}",
+        "the console stopped with the plugin: {:?}",
         alloc.stdout.contents()
     );
+
+    let mut plugin = env.start_plugin().await;
+    set_config(&plugin, config, Some(nomad_config()))
+        .await
+        .expect("SetConfig");
+    plugin.driver().init(InitRequest {}).await.expect("Init");
+    plugin
+        .driver()
+        .recover_task(RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(handle),
+        })
+        .await
+        .expect("RecoverTask");
 
     // graceful_shutdown = false: StopTask quits qemu, no power button.
     stop_task(&plugin, &task.id, Duration::from_secs(30), "")

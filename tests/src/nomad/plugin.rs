@@ -180,6 +180,11 @@ impl PluginUnderTest {
         self.child.id()
     }
 
+    /// Sends `signal` to the plugin's pid.
+    pub fn signal(&self, signal: Signal) {
+        self.child.signal(signal);
+    }
+
     pub fn health(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
