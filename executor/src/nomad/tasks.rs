@@ -290,12 +290,24 @@ pub fn on_launch_event(host: &Host, events: &Events, task: &NomadTask, event: La
         LaunchEvent::PortReady(port) => {
             tracing::info!(task = %task.subject.task_id, host = port.host, guest = port.guest, "port ready");
         }
-        LaunchEvent::Ready { after } => events.emit(
-            &task.subject,
-            "ready",
-            format!("The guest is ready after {:.1}s", after.as_secs_f64()),
-            &[("after_ms", after.as_millis().to_string())],
-        ),
+        LaunchEvent::Ready { after } => {
+            // With nothing to check, "ready" would only mean qemu started:
+            // Nomad's own service checks speak for the guest then.
+            let task_def = task.state().task;
+            let checked = task_def.ready_serial.is_some()
+                || task_def
+                    .ports
+                    .iter()
+                    .any(|p| p.check != policy_sdk::ReadyCheck::None);
+            if checked {
+                events.emit(
+                    &task.subject,
+                    "ready",
+                    format!("The guest is ready after {:.1}s", after.as_secs_f64()),
+                    &[("after_ms", after.as_millis().to_string())],
+                );
+            }
+        }
         LaunchEvent::KvmFallback { reason } => events.emit(
             &task.subject,
             "kvm-fallback",
