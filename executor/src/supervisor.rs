@@ -33,6 +33,11 @@ const ADOPT_QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// How often logs are read while the guest boots.
 const BOOT_TICK: Duration = Duration::from_millis(200);
+/// Under kvm, how long a guest with nothing to check (no port check, no
+/// console line) is still watched for KVM's failures before it counts as
+/// ready. A lying KVM fails a guest in its first seconds; declaring it
+/// ready at once would leave it hung under kvm with no fallback.
+const KVM_WATCH: Duration = Duration::from_secs(30);
 
 /// Lines in qemu's own output that mean KVM cannot run this guest.
 const KVM_FAILURE_MARKERS: [&str; 5] = [
@@ -316,6 +321,12 @@ impl Vm {
         let mut qemu_log = LogTail::starting_at(self.dir.qemu_log(), self.log_start);
         let mut last_serial_growth = started;
         let mut serial_ok = watch.ready_serial.is_none();
+        let guest_checked = watch.ready_serial.is_some()
+            || watch
+                .ports
+                .iter()
+                .any(|p| p.check != policy_sdk::ReadyCheck::None);
+        let kvm_watch_until = (watch.under_kvm && !guest_checked).then(|| started + KVM_WATCH);
 
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(watch.ports.len().max(1));
         let mut probes = tokio::task::JoinSet::new();
@@ -331,7 +342,8 @@ impl Vm {
         let mut tick = tokio::time::interval(BOOT_TICK);
 
         loop {
-            if pending_ports == 0 && serial_ok {
+            let kvm_watched = kvm_watch_until.is_none_or(|until| Instant::now() >= until);
+            if pending_ports == 0 && serial_ok && kvm_watched {
                 return Boot::Ready;
             }
             tokio::select! {
@@ -384,6 +396,11 @@ impl Vm {
                         ));
                     }
                     if now >= deadline {
+                        // Only the KVM watch left: the guest has nothing
+                        // else to show.
+                        if pending_ports == 0 && serial_ok {
+                            return Boot::Ready;
+                        }
                         return Boot::NotReady;
                     }
                 }

@@ -457,3 +457,106 @@ async fn port_map_logs_without_a_plugin_and_quit() {
     env.assert_no_vm();
     plugin.kill_cleanly().await;
 }
+
+/// This host's KVM answers ioctls but fails real guests. A task asking for
+/// kvm is relaunched under tcg after Nomad got its handle, so the handle
+/// names a qemu that is gone; a fresh plugin must still find the VM that
+/// runs. Where KVM works, or is absent, there is no relaunch and the
+/// recovery is checked all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_fallback_after_the_handle_and_recovery_finds_the_relaunched_vm() {
+    let guest = guest();
+    let server = FileServer::start(guest.dir()).unwrap();
+    let env = NomadEnv::new("nomad-kvm", "");
+    let config = plugin_config([], vec![]).encode();
+    let mut a = env.start_plugin().await;
+    set_config(&a, config.clone(), Some(nomad_config()))
+        .await
+        .expect("SetConfig");
+    let events = open_events(&a).await;
+    let alloc = env.alloc("kvm");
+    let port = free_port();
+    let task = alloc
+        .task_config(
+            task_config([
+                ("image_source", Value::from(server.url("guest.iso"))),
+                ("checksum", Value::from(md5_of(&guest.cooperative))),
+                ("accelerator", Value::from("kvm")),
+            ])
+            .encode(),
+        )
+        .port("http", port, 8080)
+        .build();
+    let handle = start_task(&a, &task)
+        .await
+        .unwrap_or_else(|e| panic!("StartTask: {e}"))
+        .handle
+        .expect("a handle");
+    let page = wait_http(port, BOOT).await.unwrap_or_else(|| {
+        panic!(
+            "the guest never answered: {:#?}",
+            events_of(&events, &task.id)
+        )
+    });
+    assert!(page.contains(GUEST_PAGE), "{page}");
+
+    let mine = events_of(&events, &task.id);
+    let starts: Vec<_> = mine.iter().filter(|e| stage(e) == "started").collect();
+    let fell_back = mine.iter().any(|e| stage(e) == "kvm-fallback");
+    let running = starts.last().expect("a started event");
+    let pid = annotation(running, "pid").expect("pid").to_string();
+    if fell_back {
+        assert_eq!(starts.len(), 2, "{mine:#?}");
+        assert_eq!(annotation(starts[0], "accelerator"), Some("kvm"));
+        assert_eq!(annotation(running, "accelerator"), Some("tcg"));
+        assert_ne!(annotation(starts[0], "pid"), Some(pid.as_str()));
+    } else {
+        eprintln!(
+            "no KVM fallback on this host (KVM works or is absent): {:?}",
+            mine.iter().map(stage).collect::<Vec<_>>()
+        );
+        assert_eq!(starts.len(), 1, "{mine:#?}");
+    }
+
+    drop(events);
+    a.kill_cleanly().await;
+    let mut b = env.start_plugin().await;
+    set_config(&b, config, Some(nomad_config()))
+        .await
+        .expect("SetConfig");
+    b.driver()
+        .recover_task(RecoverTaskRequest {
+            task_id: String::new(),
+            handle: Some(handle),
+        })
+        .await
+        .expect("RecoverTask with the handle from before the relaunch");
+    let status = inspect(&b, &task.id).await.expect("InspectTask");
+    assert_eq!(
+        status.task.expect("a task status").state(),
+        TaskState::Running
+    );
+    let driver = status.driver.expect("driver attributes");
+    assert_eq!(
+        driver.attributes["pid"], pid,
+        "the recovered VM is the running one"
+    );
+    assert_eq!(
+        Some(driver.attributes["accelerator"].as_str()),
+        annotation(running, "accelerator")
+    );
+    stop_task(&b, &task.id, Duration::from_secs(30), "")
+        .await
+        .expect("StopTask");
+    let result = wait_task(&b, &task.id, Duration::from_secs(10))
+        .await
+        .expect("WaitTask")
+        .result
+        .expect("an exit result");
+    assert_eq!((result.exit_code, result.signal), (0, 0), "{result:?}");
+    destroy_task(&b, &task.id, false)
+        .await
+        .expect("DestroyTask");
+    env.assert_no_vm();
+    b.kill_cleanly().await;
+}
