@@ -133,6 +133,34 @@ pub struct HostSettings {
     pub owner: Option<(u32, u32)>,
 }
 
+impl HostSettings {
+    /// Settings for VMs under shims that outlive whoever launched them
+    /// (the agent, the Nomad plugin), confined as `isolation` says.
+    pub fn shimmed(
+        config: &crate::config::Config,
+        state_dir: &Path,
+        isolation: &crate::agent::Isolation,
+        qemu: Option<&crate::fingerprint::QemuInfo>,
+        shim: crate::supervisor::ShimSettings,
+    ) -> HostSettings {
+        HostSettings {
+            qemu: qemu.map_or_else(
+                || crate::fingerprint::QEMU_BINARY.into(),
+                |q| q.binary.clone(),
+            ),
+            qemu_version: qemu.map(|q| q.version.clone()),
+            state_dir: state_dir.to_path_buf(),
+            sandbox: config.qemu.sandbox,
+            kvm_stall: (config.qemu.kvm_stall_s > 0)
+                .then(|| Duration::from_secs(config.qemu.kvm_stall_s.into())),
+            spawn: SpawnMode::Shim(shim),
+            chroot: isolation.chroot,
+            runas: isolation.user.as_ref().map(|u| u.name.clone()),
+            owner: isolation.user.as_ref().map(|u| (u.uid, u.gid)),
+        }
+    }
+}
+
 /// A task ready to launch.
 pub struct Prepared<'a> {
     pub task: &'a Task,

@@ -20,8 +20,8 @@ use qemu_executor_tests::guest::{guest, md5_of};
 use qemu_executor_tests::http::FileServer;
 use qemu_executor_tests::nomad::calls::{
     annotation, destroy_task, events_of, inline_policy, inspect, is_go_zero_time, nomad_config,
-    open_events, open_fingerprint, open_stats, set_config, stage, start_task, stop_task, wait_http,
-    wait_task,
+    open_events, open_fingerprint, open_stats, set_config, stage, start_task, stop_task,
+    stop_wait_destroy, wait_http, wait_task,
 };
 use qemu_executor_tests::nomad::cty::{TASK_ATTRIBUTES, Value, plugin_config, task_config};
 use qemu_executor_tests::nomad::schema::object_attributes;
@@ -438,22 +438,13 @@ async fn port_map_logs_without_a_plugin_and_quit() {
         .expect("RecoverTask");
 
     // graceful_shutdown = false: StopTask quits qemu, no power button.
-    stop_task(&plugin, &task.id, Duration::from_secs(30), "")
-        .await
-        .expect("StopTask");
-    let exit = wait_task(&plugin, &task.id, Duration::from_secs(10))
-        .await
-        .expect("WaitTask after StopTask");
-    let result = exit.result.expect("an exit result");
+    let result = stop_wait_destroy(&plugin, &task.id, Duration::from_secs(30)).await;
     assert_eq!((result.exit_code, result.signal), (0, 0), "{result:?}");
     assert!(
         !alloc.stdout.contents().contains(POWER_OFF_LINE),
         "the power button was pressed: {}",
         alloc.stdout.contents()
     );
-    destroy_task(&plugin, &task.id, false)
-        .await
-        .expect("DestroyTask");
     env.assert_no_vm();
     plugin.kill_cleanly().await;
 }
@@ -545,18 +536,8 @@ async fn kvm_fallback_after_the_handle_and_recovery_finds_the_relaunched_vm() {
         Some(driver.attributes["accelerator"].as_str()),
         annotation(running, "accelerator")
     );
-    stop_task(&b, &task.id, Duration::from_secs(30), "")
-        .await
-        .expect("StopTask");
-    let result = wait_task(&b, &task.id, Duration::from_secs(10))
-        .await
-        .expect("WaitTask")
-        .result
-        .expect("an exit result");
+    let result = stop_wait_destroy(&b, &task.id, Duration::from_secs(30)).await;
     assert_eq!((result.exit_code, result.signal), (0, 0), "{result:?}");
-    destroy_task(&b, &task.id, false)
-        .await
-        .expect("DestroyTask");
     env.assert_no_vm();
     b.kill_cleanly().await;
 }

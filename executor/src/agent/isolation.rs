@@ -314,6 +314,16 @@ impl Isolation {
         }
     }
 
+    /// Gives the VM's user the QMP socket in task directory `dir`: qemu
+    /// creates it as root, before `-runas` drops to that user.
+    pub fn hand_over_qmp_socket(&self, dir: &Path) -> Result<(), IsolationError> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        let socket = dir.join("qmp.sock");
+        std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid)).map_err(io_err(&socket))
+    }
+
     /// Gives the task directory and the files qemu writes to the VM's user.
     pub fn hand_over(&self, dir: &Path, files: &[PathBuf]) -> Result<(), IsolationError> {
         let Some(user) = &self.user else {

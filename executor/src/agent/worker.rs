@@ -13,7 +13,7 @@ use super::restart::{self, Decision};
 use super::{Agent, TaskHandle, isolation, now_ms};
 use crate::launcher::{self, HostSettings, LaunchError, LaunchEvent, Phase, Prepared};
 use crate::policy::ChainOutcome;
-use crate::supervisor::{Ending, ShimSettings, SpawnMode, TaskDir, Vm};
+use crate::supervisor::{Ending, ShimSettings, TaskDir, Vm};
 
 /// The next step of a task's life.
 pub(super) enum Next {
@@ -257,30 +257,20 @@ fn host_settings(
     qemu: Option<&crate::fingerprint::QemuInfo>,
     cgroups: Vec<std::path::PathBuf>,
 ) -> HostSettings {
-    let config = &agent.runner.config;
-    let iso = &agent.isolation;
-    HostSettings {
-        qemu: qemu.map_or_else(
-            || crate::fingerprint::QEMU_BINARY.into(),
-            |q| q.binary.clone(),
-        ),
-        qemu_version: qemu.map(|q| q.version.clone()),
-        state_dir: agent.state_dir.clone(),
-        sandbox: config.qemu.sandbox,
-        kvm_stall: (config.qemu.kvm_stall_s > 0)
-            .then(|| Duration::from_secs(config.qemu.kvm_stall_s.into())),
-        spawn: SpawnMode::Shim(ShimSettings {
+    HostSettings::shimmed(
+        &agent.runner.config,
+        &agent.state_dir,
+        &agent.isolation,
+        qemu,
+        ShimSettings {
             exe: agent.exe.clone(),
             exit_record: agent.exit_record_path(&handle.id),
             cgroups,
-            mount_namespace: iso.mount_namespace,
+            mount_namespace: agent.isolation.mount_namespace,
             // The agent keeps the logs in the task directory only.
             forwards: Vec::new(),
-        }),
-        chroot: iso.chroot,
-        runas: iso.user.as_ref().map(|u| u.name.clone()),
-        owner: iso.user.as_ref().map(|u| (u.uid, u.gid)),
-    }
+        },
+    )
 }
 
 /// Records what the launcher reports, before the agent acts on it.
@@ -293,12 +283,8 @@ fn on_launch_event(agent: &Agent, handle: &TaskHandle, event: LaunchEvent<'_>) {
             dir,
             ..
         } => {
-            if let Some(user) = &agent.isolation.user {
-                // qemu creates its QMP socket as root, before -runas.
-                let socket = dir.join("qmp.sock");
-                if let Err(e) = std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid)) {
-                    tracing::warn!(task = %handle.id, error = %e, "cannot hand the QMP socket to the VM's user");
-                }
+            if let Err(e) = agent.isolation.hand_over_qmp_socket(dir) {
+                tracing::warn!(task = %handle.id, error = %crate::error_chain(&e), "cannot hand the QMP socket to the VM's user");
             }
             agent.update(handle, |r| {
                 r.state = TaskState::Running;

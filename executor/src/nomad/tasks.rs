@@ -16,7 +16,7 @@ use super::plugin_config::Host;
 use super::state::{self, DriverState};
 use crate::launcher::{HostSettings, LaunchEvent};
 use crate::qemu::forward::Forward;
-use crate::supervisor::{Ending, ShimSettings, SpawnMode, StopHow, StopSignal, TaskDir};
+use crate::supervisor::{Ending, ShimSettings, StopHow, StopSignal, TaskDir};
 
 /// How long a forced destroy waits for the VM to go.
 const DESTROY_WAIT: Duration = Duration::from_secs(30);
@@ -212,7 +212,6 @@ pub fn host_settings(
     qemu: Option<&crate::fingerprint::QemuInfo>,
 ) -> HostSettings {
     let runner = &host.runner;
-    let iso = &host.isolation;
     let dir = TaskDir {
         root: state.task_dir.clone(),
     };
@@ -228,27 +227,19 @@ pub fn host_settings(
             });
         }
     }
-    HostSettings {
-        qemu: qemu.map_or_else(
-            || crate::fingerprint::QEMU_BINARY.into(),
-            |q| q.binary.clone(),
-        ),
-        qemu_version: qemu.map(|q| q.version.clone()),
-        state_dir: runner.state_dir.clone(),
-        sandbox: runner.config.qemu.sandbox,
-        kvm_stall: (runner.config.qemu.kvm_stall_s > 0)
-            .then(|| Duration::from_secs(runner.config.qemu.kvm_stall_s.into())),
-        spawn: SpawnMode::Shim(ShimSettings {
+    HostSettings::shimmed(
+        &runner.config,
+        &runner.state_dir,
+        &host.isolation,
+        qemu,
+        ShimSettings {
             exe: host.exe.clone(),
             exit_record: state::exit_record(&runner.state_dir, &state.key()),
             cgroups: state.cgroups.clone(),
-            mount_namespace: iso.mount_namespace,
+            mount_namespace: host.isolation.mount_namespace,
             forwards,
-        }),
-        chroot: iso.chroot,
-        runas: iso.user.as_ref().map(|u| u.name.clone()),
-        owner: iso.user.as_ref().map(|u| (u.uid, u.gid)),
-    }
+        },
+    )
 }
 
 /// Records and reports what the launcher says while the VM runs.
@@ -261,12 +252,8 @@ pub fn on_launch_event(host: &Host, events: &Events, task: &NomadTask, event: La
             dir,
             ..
         } => {
-            if let Some(user) = &host.isolation.user {
-                // qemu creates its QMP socket as root, before -runas.
-                let socket = dir.join("qmp.sock");
-                if let Err(e) = std::os::unix::fs::chown(&socket, Some(user.uid), Some(user.gid)) {
-                    tracing::warn!(task = %task.subject.task_id, error = %e, "cannot hand the QMP socket to the VM's user");
-                }
+            if let Err(e) = host.isolation.hand_over_qmp_socket(dir) {
+                tracing::warn!(task = %task.subject.task_id, error = %crate::error_chain(&e), "cannot hand the QMP socket to the VM's user");
             }
             let state = task.update(|s| {
                 s.qemu = identity;

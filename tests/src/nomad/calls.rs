@@ -155,6 +155,28 @@ pub async fn wait_task(
         .map(|r| r.into_inner())
 }
 
+/// A task's end as Nomad's task runner drives it: StopTask with the
+/// job's kill timeout, WaitTask for the result, DestroyTask. Panics on a
+/// failed call; returns the exit result.
+pub async fn stop_wait_destroy(
+    plugin: &PluginUnderTest,
+    task_id: &str,
+    kill_timeout: Duration,
+) -> nomad_proto::driver::ExitResult {
+    stop_task(plugin, task_id, kill_timeout, "")
+        .await
+        .expect("StopTask");
+    let result = wait_task(plugin, task_id, Duration::from_secs(10))
+        .await
+        .expect("WaitTask after StopTask")
+        .result
+        .expect("an exit result");
+    destroy_task(plugin, task_id, false)
+        .await
+        .expect("DestroyTask");
+    result
+}
+
 pub async fn destroy_task(
     plugin: &PluginUnderTest,
     task_id: &str,
