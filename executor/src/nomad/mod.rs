@@ -122,7 +122,11 @@ impl Plugin {
 /// handshake line as the only output on stdout, and serves gRPC.
 pub async fn serve(defaults: Defaults, shutdown: CancellationToken) -> Result<(), NomadError> {
     use std::io::Write as _;
-    let tmp = std::env::temp_dir();
+    // go-plugin's hosts may name the directory (Nomad does not).
+    let tmp = std::env::var_os("PLUGIN_UNIX_SOCKET_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(std::env::temp_dir);
     let socket_err = |source| NomadError::Socket {
         dir: tmp.clone(),
         source,
