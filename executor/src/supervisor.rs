@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use policy_sdk::{Accelerator, PortMapping, Task};
 use tokio::sync::broadcast;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +31,8 @@ const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const ADOPT_QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// After `quit`, how long before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// How long qemu's last events may take to arrive after its exit.
+const LAST_EVENTS_WAIT: Duration = Duration::from_secs(1);
 /// How often logs are read while the guest boots.
 const BOOT_TICK: Duration = Duration::from_millis(200);
 /// Under kvm, how long a guest with nothing to check (no port check, no
@@ -348,6 +350,7 @@ impl Vm {
             }
             tokio::select! {
                 status = self.process.wait() => {
+                    self.read_last_events().await;
                     let tail = self.log_tail();
                     if watch.under_kvm && let Some(marker) = kvm_failure(&tail) {
                         return Boot::KvmFailed(marker);
@@ -434,6 +437,23 @@ impl Vm {
         }
     }
 
+    /// Reads the events qemu sent before it exited. Its exit and its last
+    /// events (the guest's SHUTDOWN) race to us; once its side of the
+    /// socket has closed, everything it sent is queued. Without this a
+    /// guest's power-off could pass for a failure.
+    async fn read_last_events(&mut self) {
+        let _ = tokio::time::timeout(LAST_EVENTS_WAIT, self.qmp.closed()).await;
+        loop {
+            match self.events.try_recv() {
+                Ok(ev) if ev.name == "SHUTDOWN" => {
+                    self.shutdown_by_guest |= ev.data["guest"].as_bool() == Some(true);
+                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+            }
+        }
+    }
+
     fn ending_after_exit(
         &self,
         status: std::io::Result<std::process::ExitStatus>,
@@ -453,6 +473,7 @@ impl Vm {
         loop {
             tokio::select! {
                 status = self.process.wait() => {
+                    self.read_last_events().await;
                     let tail = self.log_tail();
                     return Some(self.ending_after_exit(status, tail));
                 }

@@ -119,6 +119,8 @@ pub struct Qmp {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
     events: broadcast::Sender<Event>,
+    /// Fires once the connection is gone, after its last event was sent.
+    closed: tokio_util::sync::CancellationToken,
     next_id: AtomicU64,
     /// qemu's version triple and capabilities.
     pub greeting: Value,
@@ -154,11 +156,18 @@ impl Qmp {
 
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
-        tokio::spawn(read_loop(lines, pending.clone(), events.clone()));
+        let closed = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(read_loop(
+            lines,
+            pending.clone(),
+            events.clone(),
+            closed.clone(),
+        ));
         let qmp = Qmp {
             writer: tokio::sync::Mutex::new(write),
             pending,
             events,
+            closed,
             next_id: AtomicU64::new(1),
             greeting,
         };
@@ -169,6 +178,12 @@ impl Qmp {
     /// A receiver for every event from now on.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Resolves once qemu closed the connection; every event it sent
+    /// before is in the receivers by then.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await;
     }
 
     /// Runs one command and waits for its reply.
@@ -222,6 +237,7 @@ async fn read_loop(
     mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     pending: Pending,
     events: broadcast::Sender<Event>,
+    closed: tokio_util::sync::CancellationToken,
 ) {
     while let Ok(Some(line)) = lines.next_line().await {
         let reply = match parse_message(&line) {
@@ -257,6 +273,7 @@ async fn read_loop(
     }
     // Dropping the senders wakes every waiter with `Closed`.
     pending.lock().expect("pending map poisoned").take();
+    closed.cancel();
 }
 
 #[cfg(test)]
