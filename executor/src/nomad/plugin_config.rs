@@ -53,6 +53,8 @@ pub enum PluginConfigError {
     Isolation(#[from] crate::agent::isolation::IsolationError),
     #[error("Cannot find the qemu-executor binary for the VMs' shims")]
     Exe(#[source] std::io::Error),
+    #[error("Loading the policies failed")]
+    Blocking(#[source] tokio::task::JoinError),
 }
 
 /// The decoded plugin block.
@@ -223,7 +225,7 @@ impl Host {
         let engine = PolicyEngine::new(&artifact_dir(&cache_dir))?;
         let chain = tokio::task::spawn_blocking(move || Chain::load(&engine, &specs))
             .await
-            .map_err(|e| PluginConfigError::Exe(std::io::Error::other(e)))??;
+            .map_err(PluginConfigError::Blocking)??;
         let isolation = Isolation::detect(&executor.agent, executor.qemu.sandbox)?;
         let mut probe = crate::fingerprint::Probe::new(state_dir.clone());
         if let Some(binary) = &executor.qemu.binary {
