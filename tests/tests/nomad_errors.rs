@@ -367,3 +367,84 @@ async fn calls_on_running_tasks() {
         "a ready event for a task without a ready check: {ready_without_check:#?}"
     );
 }
+
+/// Nomad stops its plugins while a StartTask is still fetching: the call
+/// ends Unavailable (the task runner starts it again on the next plugin),
+/// the plugin still exits by itself, and nothing of the task is left: no
+/// VM, no task directory, no half-written image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_start_leaves_nothing() {
+    let body = qemu_executor_tests::fault::pattern(4 << 20, 9);
+    let checksum = format!("md5:{}", qemu_executor_tests::fault::md5_hex(&body));
+    let server = qemu_executor_tests::fault::FaultServer::start(
+        body,
+        vec![qemu_executor_tests::fault::Fault::Slow {
+            chunk: 4096,
+            interval: Duration::from_millis(100),
+        }],
+        false,
+    )
+    .unwrap();
+    let env = NomadEnv::new("nomad-shutdown", "");
+    let mut plugin = env.start_plugin().await;
+    set_config(
+        &plugin,
+        plugin_config([], vec![]).encode(),
+        Some(nomad_config()),
+    )
+    .await
+    .expect("SetConfig");
+    let events = open_events(&plugin).await;
+    let alloc = env.alloc("slow");
+    let task = alloc
+        .task_config(guest_task(&server.url("slow.iso"), &checksum))
+        .port("http", free_port(), 8080)
+        .build();
+    let starting = {
+        let mut driver = plugin.driver();
+        let task = task.clone();
+        tokio::spawn(async move {
+            driver
+                .start_task(nomad_proto::driver::StartTaskRequest { task: Some(task) })
+                .await
+        })
+    };
+    // The fetch has begun once its accelerator event is out.
+    events
+        .wait_for(Duration::from_secs(30), |e| {
+            e.task_id == task.id && stage(e) == "accelerator"
+        })
+        .await
+        .unwrap_or_else(|| panic!("no accelerator event: {:#?}", events_of(&events, &task.id)));
+    assert!(
+        !starting.is_finished(),
+        "StartTask returned before the slow fetch ended"
+    );
+    let killed = plugin.kill().await;
+    let answer = tokio::time::timeout(Duration::from_secs(10), starting)
+        .await
+        .expect("StartTask answered once the plugin went")
+        .expect("the call's task");
+    let status = expect_code("StartTask during shutdown", answer, Code::Unavailable);
+    assert!(
+        status.message().contains("shutting down"),
+        "the plugin's own answer, not a dropped connection: {status:?}"
+    );
+    assert!(
+        killed.by_itself,
+        "the plugin needed SIGKILL: {:?}",
+        killed.status
+    );
+    env.assert_no_vm();
+    let tasks = env.sandbox.state_dir().join("tasks");
+    let left: Vec<_> = std::fs::read_dir(&tasks)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "task directories left: {left:?}");
+    for sub in ["images", "tmp"] {
+        let files: Vec<_> = std::fs::read_dir(env.sandbox.cache_dir().join(sub))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(files.is_empty(), "left in the cache's {sub}: {files:?}");
+    }
+}

@@ -123,7 +123,12 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
         ))));
     }
 
-    let fetched = fetch(&host, &plugin.events, &subject, &task, &key).await;
+    let fetched = tokio::select! {
+        fetched = fetch(&host, &plugin.events, &subject, &task, &key) => fetched,
+        // Nomad is stopping its plugins: it will start the task again on
+        // the next one.
+        _ = plugin.shutdown.cancelled() => Err(shutting_down()),
+    };
     let fetched = match fetched {
         Ok(f) => f,
         Err(status) => return Err(fail(status)),
@@ -176,7 +181,29 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
             None
         })
     };
-    if started_rx.await.is_err() {
+    let started = tokio::select! {
+        started = started_rx => started.is_ok(),
+        _ = plugin.shutdown.cancelled() => false,
+    };
+    if plugin.shutdown.is_cancelled() {
+        // Nomad would never get this VM's handle: it must not outlive us,
+        // and Nomad kills us 2 s from now, so no graceful stop.
+        nomad_task.stop.request(Some(std::time::Duration::ZERO));
+        let qemu = nomad_task.state().qemu;
+        if qemu.pid != 0 && qemu.is_alive() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(qemu.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = supervision.await;
+        crate::agent::isolation::remove_cgroups(&nomad_task.state().cgroups);
+        let _ = runner
+            .cache
+            .release_lease(&nomad_task.state().task.checksum, &key);
+        return Err(fail(shutting_down()));
+    }
+    if !started {
         // The launch failed before qemu ran: say why, leave nothing.
         let why = match supervision.await {
             Ok(Some(why)) => why,
@@ -194,6 +221,10 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
     let state = nomad_task.state();
     plugin.tasks.insert(nomad_task);
     Ok(handle(&config, &state))
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("The plugin is shutting down; start the task on the next one")
 }
 
 /// The handle Nomad keeps and hands back on `RecoverTask`.
