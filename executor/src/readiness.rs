@@ -15,6 +15,13 @@ use tokio::net::TcpStream;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The request sent for an `http` check.
+/// Whether the guest has anything to show before it counts as ready: a
+/// port to answer on, or a console line. Without either, ready only
+/// means that qemu runs.
+pub fn guest_is_checked(ports: &[PortMapping], ready_serial: Option<&str>) -> bool {
+    ready_serial.is_some() || ports.iter().any(|p| p.check != ReadyCheck::None)
+}
+
 pub fn http_request(port: &PortMapping) -> String {
     format!(
         "GET {} HTTP/1.0\r\nHost: {}:{}\r\nUser-Agent: qemu-executor\r\nConnection: close\r\n\r\n",

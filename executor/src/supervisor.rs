@@ -323,11 +323,7 @@ impl Vm {
         let mut qemu_log = LogTail::starting_at(self.dir.qemu_log(), self.log_start);
         let mut last_serial_growth = started;
         let mut serial_ok = watch.ready_serial.is_none();
-        let guest_checked = watch.ready_serial.is_some()
-            || watch
-                .ports
-                .iter()
-                .any(|p| p.check != policy_sdk::ReadyCheck::None);
+        let guest_checked = readiness::guest_is_checked(watch.ports, watch.ready_serial);
         let kvm_watch_until = (watch.under_kvm && !guest_checked).then(|| started + KVM_WATCH);
 
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(watch.ports.len().max(1));

@@ -81,8 +81,6 @@ impl Events {
     /// One event per policy that ran.
     pub fn policies(&self, subject: &Subject, outcome: &ChainOutcome) {
         for (message, annotations) in policy_events(outcome) {
-            let annotations: Vec<(&str, String)> =
-                annotations.iter().map(|(k, v)| (*k, v.clone())).collect();
             self.emit(subject, "policy", message, &annotations);
         }
     }

@@ -41,8 +41,7 @@ pub async fn recover(plugin: &Plugin, handle: TaskHandle) -> Result<(), Status> 
         )));
     }
     let state = state::latest(state_dir, from_handle);
-    let started_at = UNIX_EPOCH + Duration::from_millis(state.started_at_ms);
-    let task = Arc::new(NomadTask::new(config, state.clone(), started_at));
+    let task = Arc::new(NomadTask::new(config, state.clone()));
     let key = state.key();
     // The lease named the dead plugin: renew it, so gc leaves the image of
     // a VM that still runs from it.

@@ -5,7 +5,6 @@
 //! supervision carries on in a task of its own.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use nomad_proto::driver::{TaskConfig, TaskHandle, TaskState};
 use tonic::Status;
@@ -134,19 +133,24 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
         Err(status) => return Err(fail(status)),
     };
 
-    let made = host.isolation.cgroups_for(&key, task.memory_mb, task.cpus);
-    let cgroups = made.paths;
+    let cgroups = host
+        .isolation
+        .cgroups_for(&key, task.memory_mb, task.cpus)
+        .paths;
+    let state = tasks::initial_state(&config.id, &dir, &task, accelerator, cgroups);
+    let nomad_task = Arc::new(NomadTask::new(config.clone(), state));
+    // What a task that never ran leaves: nothing.
+    let abandon = |status: Status| {
+        nomad_task.release(&host);
+        fail(status)
+    };
     if let Err(e) = host
         .isolation
         .hand_over(&dir.root, &[dir.serial_log(), dir.qemu_log()])
     {
-        crate::agent::isolation::remove_cgroups(&cgroups);
-        let _ = runner.cache.release_lease(&task.checksum, &key);
-        return Err(fail(Status::internal(crate::error_chain(&e))));
+        return Err(abandon(Status::internal(crate::error_chain(&e))));
     }
 
-    let state = tasks::initial_state(&config.id, &dir, &task, cgroups);
-    let nomad_task = Arc::new(NomadTask::new(config.clone(), state, SystemTime::now()));
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let supervision = {
         let host = host.clone();
@@ -197,11 +201,7 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
             );
         }
         let _ = supervision.await;
-        crate::agent::isolation::remove_cgroups(&nomad_task.state().cgroups);
-        let _ = runner
-            .cache
-            .release_lease(&nomad_task.state().task.checksum, &key);
-        return Err(fail(shutting_down()));
+        return Err(abandon(shutting_down()));
     }
     if !started {
         // The launch failed before qemu ran: say why, leave nothing.
@@ -210,11 +210,7 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
             Ok(None) => "the launch ended before qemu started".into(),
             Err(e) => e.to_string(),
         };
-        crate::agent::isolation::remove_cgroups(&nomad_task.state().cgroups);
-        let _ = runner
-            .cache
-            .release_lease(&nomad_task.state().task.checksum, &key);
-        return Err(fail(status::recoverable(format!(
+        return Err(abandon(status::recoverable(format!(
             "Cannot launch qemu: {why}"
         ))));
     }
@@ -348,12 +344,11 @@ fn allocated_ports(config: &TaskConfig) -> Vec<AllocatedPort> {
 }
 
 fn md5_of(path: &std::path::Path) -> std::io::Result<String> {
-    use md5::Digest as _;
     use std::io::Read as _;
     let mut file = std::fs::File::open(path).map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
     })?;
-    let mut hasher = md5::Md5::new();
+    let mut hasher = crate::digest::Hasher::new(policy_sdk::ChecksumAlgorithm::Md5);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf)?;
@@ -362,5 +357,5 @@ fn md5_of(path: &std::path::Path) -> std::io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok(hasher.finalize_hex())
 }

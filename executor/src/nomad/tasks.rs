@@ -37,13 +37,12 @@ pub struct NomadTask {
     pub config: TaskConfig,
     pub dir: TaskDir,
     pub stop: StopSignal,
-    pub started_at: SystemTime,
     state: Mutex<DriverState>,
     end: watch::Sender<Option<TaskEnd>>,
 }
 
 impl NomadTask {
-    pub fn new(config: TaskConfig, state: DriverState, started_at: SystemTime) -> NomadTask {
+    pub fn new(config: TaskConfig, state: DriverState) -> NomadTask {
         NomadTask {
             subject: Subject {
                 task_id: config.id.clone(),
@@ -55,21 +54,15 @@ impl NomadTask {
             },
             config,
             stop: StopSignal::default(),
-            started_at,
             state: Mutex::new(state),
             end: watch::channel(None).0,
         }
     }
 
-    /// When qemu started: the same for a recovered task as for the one
-    /// that started it (before qemu ran, when the launch began).
+    /// When qemu started, from the driver state: the same for a recovered
+    /// task as for the plugin that started it.
     pub fn started_at(&self) -> SystemTime {
-        let ms = self.state().started_at_ms;
-        if ms == 0 {
-            self.started_at
-        } else {
-            std::time::UNIX_EPOCH + Duration::from_millis(ms)
-        }
+        std::time::UNIX_EPOCH + Duration::from_millis(self.state().started_at_ms)
     }
 
     pub fn state(&self) -> DriverState {
@@ -127,6 +120,13 @@ impl NomadTask {
                 ("signal", end.result.signal.to_string()),
             ],
         );
+        self.release(host);
+        self.end.send_replace(Some(end));
+    }
+
+    /// Gives back what the VM held: its cgroups, overlay and socket, and
+    /// its lease on the image.
+    pub fn release(&self, host: &Host) {
         let state = self.state();
         crate::agent::isolation::remove_cgroups(&state.cgroups);
         for leftover in [self.dir.overlay(), self.dir.qmp_socket()] {
@@ -139,7 +139,6 @@ impl NomadTask {
         {
             tracing::warn!(task = %self.subject.task_id, error = %crate::error_chain(&e), "cannot release the image lease");
         }
-        self.end.send_replace(Some(end));
     }
 
     /// Forgets the task: its directory and what the plugin kept for it.
@@ -281,12 +280,8 @@ pub fn on_launch_event(host: &Host, events: &Events, task: &NomadTask, event: La
             // With nothing to check, "ready" would only mean qemu started:
             // Nomad's own service checks speak for the guest then.
             let task_def = task.state().task;
-            let checked = task_def.ready_serial.is_some()
-                || task_def
-                    .ports
-                    .iter()
-                    .any(|p| p.check != policy_sdk::ReadyCheck::None);
-            if checked {
+            if crate::readiness::guest_is_checked(&task_def.ports, task_def.ready_serial.as_deref())
+            {
                 events.emit(
                     &task.subject,
                     "ready",
@@ -320,7 +315,7 @@ pub fn end_of(outcome: Result<Ending, String>) -> TaskEnd {
         }
         Err(err) => TaskEnd {
             result: ExitResult {
-                exit_code: 5,
+                exit_code: i32::from(crate::runner::exit::QEMU),
                 signal: 0,
                 oom_killed: false,
             },
@@ -330,11 +325,12 @@ pub fn end_of(outcome: Result<Ending, String>) -> TaskEnd {
     }
 }
 
-/// A task that ran before the accelerator was known: the one asked for.
+/// The state of a task about to launch: no qemu yet.
 pub fn initial_state(
     task_id: &str,
     dir: &TaskDir,
     task: &Task,
+    accelerator: Accelerator,
     cgroups: Vec<std::path::PathBuf>,
 ) -> DriverState {
     let nobody = crate::qemu::process::ProcessIdentity {
@@ -345,7 +341,7 @@ pub fn initial_state(
         task_id: task_id.to_string(),
         task_dir: dir.root.clone(),
         task: task.clone(),
-        accelerator: Accelerator::Tcg,
+        accelerator,
         qemu: nobody,
         shim: nobody,
         started_at_ms: 0,

@@ -62,12 +62,11 @@ fn copy_until_stopped(forward: &Forward, stop: &AtomicBool) -> usize {
     let mut source: Option<File> = None;
     let mut sink: Option<File> = None;
     let mut next_open = Instant::now();
-    let mut offset = 0u64;
-    let mut pending: Vec<u8> = Vec::new();
+    let mut pending: Vec<u8> = Vec::with_capacity(CHUNK);
     loop {
         let stopping = stop.load(Ordering::Acquire);
         if pending.is_empty() {
-            match read_more(&forward.from, &mut source, &mut offset, &mut pending) {
+            match read_more(&forward.from, &mut source, &mut pending) {
                 Ok(0) | Err(_) if stopping => return 0,
                 Ok(0) | Err(_) => {
                     std::thread::sleep(POLL);
@@ -98,28 +97,25 @@ fn copy_until_stopped(forward: &Forward, stop: &AtomicBool) -> usize {
     }
 }
 
-/// Reads what `path` gained since `offset`. A file that shrank was
-/// started over (qemu relaunched): it is read from its start again.
+/// Reads into the empty `pending` what `path` gained since the last read.
+/// A file that shrank was started over (qemu relaunched): it is read from
+/// its start again.
 fn read_more(
     path: &Path,
     source: &mut Option<File>,
-    offset: &mut u64,
-    into: &mut Vec<u8>,
+    pending: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     if source.is_none() {
         *source = Some(File::open(path)?);
     }
     let file = source.as_mut().expect("opened above");
-    let len = file.metadata()?.len();
-    if len < *offset {
-        *offset = 0;
+    if file.metadata()?.len() < file.stream_position()? {
+        file.seek(SeekFrom::Start(0))?;
     }
-    file.seek(SeekFrom::Start(*offset))?;
-    let mut buf = vec![0u8; CHUNK];
-    let n = file.read(&mut buf)?;
-    into.extend_from_slice(&buf[..n]);
-    *offset += n as u64;
-    Ok(n)
+    pending.resize(CHUNK, 0);
+    let n = file.read(pending);
+    pending.truncate(*n.as_ref().unwrap_or(&0));
+    n
 }
 
 /// Opens the destination for writing without waiting for a reader: a FIFO
