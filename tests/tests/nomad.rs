@@ -255,10 +255,7 @@ async fn fingerprint_without_qemu_is_undetected() {
         "nomad-noqemu",
         "[qemu]\nbinary = \"/nonexistent/qemu-system-x86_64\"\n",
     );
-    let mut plugin = env.start_plugin().await;
-    set_config(&plugin, Vec::new(), Some(nomad_config()))
-        .await
-        .expect("SetConfig");
+    let mut plugin = env.start_configured(Vec::new()).await;
     let fingerprints = open_fingerprint(&plugin).await;
     let first = fingerprints
         .wait_for(Duration::from_secs(10), |_| true)

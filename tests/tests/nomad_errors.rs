@@ -11,16 +11,15 @@ use nomad_proto::driver::DriverTaskEvent;
 use nomad_proto::driver::exec_task_streaming_request::Setup;
 use nomad_proto::driver::{
     CreateNetworkRequest, DestroyNetworkRequest, ExecTaskRequest, ExecTaskStreamingRequest,
-    InitRequest, SignalTaskRequest, TaskState, TaskStatsRequest,
+    SignalTaskRequest, TaskState, TaskStatsRequest,
 };
 use qemu_executor_tests::executor::free_port;
 use qemu_executor_tests::guest::{guest, md5_of};
 use qemu_executor_tests::http::FileServer;
 use qemu_executor_tests::nomad::alloc::uuid;
 use qemu_executor_tests::nomad::calls::{
-    annotation, argv_of, destroy_task, events_of, guest_task, inline_policy, inspect, nomad_config,
-    open_events, option, qemu_pid, set_config, stage, start_task, stop_task, stream_error,
-    wait_task,
+    annotation, argv_of, destroy_task, events_of, guest_task, inline_policy, inspect, open_events,
+    option, qemu_pid, stage, start_task, stop_task, stream_error, wait_task,
 };
 use qemu_executor_tests::nomad::cty::{Value, plugin_config, task_config};
 use qemu_executor_tests::nomad::status::{expect_code, expect_error, recoverable};
@@ -59,15 +58,9 @@ async fn world(name: &str) -> World {
         })
         .to_string(),
     );
-    let plugin = env.start_plugin().await;
-    set_config(
-        &plugin,
-        plugin_config([], vec![allowlist]).encode(),
-        Some(nomad_config()),
-    )
-    .await
-    .expect("SetConfig");
-    plugin.driver().init(InitRequest {}).await.expect("Init");
+    let plugin = env
+        .start_configured(plugin_config([], vec![allowlist]).encode())
+        .await;
     let events = open_events(&plugin).await;
     World {
         events,
@@ -386,14 +379,9 @@ async fn shutdown_during_a_start_leaves_nothing() {
     )
     .unwrap();
     let env = NomadEnv::new("nomad-shutdown", "");
-    let mut plugin = env.start_plugin().await;
-    set_config(
-        &plugin,
-        plugin_config([], vec![]).encode(),
-        Some(nomad_config()),
-    )
-    .await
-    .expect("SetConfig");
+    let mut plugin = env
+        .start_configured(plugin_config([], vec![]).encode())
+        .await;
     let events = open_events(&plugin).await;
     let alloc = env.alloc("slow");
     let task = alloc

@@ -11,19 +11,20 @@ use nomad_proto::driver::driver_capabilities::{FsIsolation, MountConfigs};
 use nomad_proto::driver::memory_usage::Fields as MemoryFields;
 use nomad_proto::driver::network_isolation_spec::NetworkIsolationMode;
 use nomad_proto::driver::{
-    CapabilitiesRequest, InitRequest, RecoverTaskRequest, TaskConfigSchemaRequest, TaskState,
-    WaitTaskRequest,
+    CapabilitiesRequest, RecoverTaskRequest, TaskConfigSchemaRequest, TaskState, WaitTaskRequest,
 };
 use qemu_executor_tests::agent::{BOOT, POWER_OFF_LINE};
 use qemu_executor_tests::executor::{free_port, http_get};
 use qemu_executor_tests::guest::{guest, md5_of};
 use qemu_executor_tests::http::FileServer;
 use qemu_executor_tests::nomad::calls::{
-    annotation, destroy_task, events_of, inline_policy, inspect, is_go_zero_time, nomad_config,
-    open_events, open_fingerprint, open_stats, set_config, stage, start_task, stop_task,
-    stop_wait_destroy, wait_http, wait_task,
+    annotation, destroy_task, events_of, inline_policy, inspect, is_go_zero_time, open_events,
+    open_fingerprint, open_stats, stage, start_task, stop_task, stop_wait_destroy, wait_http,
+    wait_task,
 };
-use qemu_executor_tests::nomad::cty::{TASK_ATTRIBUTES, Value, plugin_config, task_config};
+use qemu_executor_tests::nomad::cty::{
+    TASK_ATTRIBUTES, TASK_SCHEMA, Value, plugin_config, task_config,
+};
 use qemu_executor_tests::nomad::schema::object_attributes;
 use qemu_executor_tests::nomad::status::expect_error;
 use qemu_executor_tests::nomad::{End, NomadEnv};
@@ -38,26 +39,6 @@ const NOT_FOUND: &str = "task not found for given id";
 fn names<'a>(it: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
     it.into_iter().map(str::to_string).collect()
 }
-
-/// The task schema's attributes and types, from the contract.
-const TASK_TYPES: [(&str, &str); 16] = [
-    ("image_source", "string"),
-    ("image_path", "string"),
-    ("checksum", "string"),
-    ("accelerator", "string"),
-    ("kvm_fallback", "bool"),
-    ("host_port", "number"),
-    ("guest_port", "number"),
-    ("port_map", "list(map(number))"),
-    ("graceful_shutdown", "bool"),
-    ("args", "list(string)"),
-    ("machine_type", "string"),
-    ("drive_interface", "string"),
-    ("ready_serial", "string"),
-    ("ready_timeout_s", "number"),
-    ("ready_check", "string"),
-    ("emulator", "string"),
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_wait_stop_recover() {
@@ -77,11 +58,7 @@ async fn start_wait_stop_recover() {
     .encode();
 
     // Plugin A: the driver manager's sequence.
-    let mut a = env.start_plugin().await;
-    set_config(&a, plugin_cfg.clone(), Some(nomad_config()))
-        .await
-        .expect("SetConfig");
-    a.driver().init(InitRequest {}).await.expect("Init");
+    let mut a = env.start_configured(plugin_cfg.clone()).await;
     let fingerprints = open_fingerprint(&a).await;
     let events = open_events(&a).await;
 
@@ -99,7 +76,7 @@ async fn start_wait_stop_recover() {
         names(attrs.keys().map(String::as_str)),
         names(TASK_ATTRIBUTES)
     );
-    for (key, ty) in TASK_TYPES {
+    for (key, ty) in TASK_SCHEMA {
         assert_eq!(attrs[key].type_expr(), ty, "{key}");
     }
     let caps = a
@@ -271,11 +248,7 @@ async fn start_wait_stop_recover() {
     );
 
     // Plugin B: the agent restarts and recovers the task from its handle.
-    let mut b = env.start_plugin().await;
-    set_config(&b, plugin_cfg, Some(nomad_config()))
-        .await
-        .expect("SetConfig");
-    b.driver().init(InitRequest {}).await.expect("Init");
+    let mut b = env.start_configured(plugin_cfg).await;
     let _events = open_events(&b).await;
     let recover = RecoverTaskRequest {
         task_id: String::new(),
@@ -368,11 +341,7 @@ async fn port_map_logs_without_a_plugin_and_quit() {
     let server = FileServer::start(guest.dir()).unwrap();
     let env = NomadEnv::new("nomad-portmap", "");
     let config = plugin_config([], vec![]).encode();
-    let mut a = env.start_plugin().await;
-    set_config(&a, config.clone(), Some(nomad_config()))
-        .await
-        .expect("SetConfig");
-    a.driver().init(InitRequest {}).await.expect("Init");
+    let mut a = env.start_configured(config.clone()).await;
 
     // Two group ports; port_map forwards "web" alone, to the guest's 8081
     // whatever its `to` says.
@@ -423,11 +392,7 @@ async fn port_map_logs_without_a_plugin_and_quit() {
         alloc.stdout.contents()
     );
 
-    let mut plugin = env.start_plugin().await;
-    set_config(&plugin, config, Some(nomad_config()))
-        .await
-        .expect("SetConfig");
-    plugin.driver().init(InitRequest {}).await.expect("Init");
+    let mut plugin = env.start_configured(config).await;
     plugin
         .driver()
         .recover_task(RecoverTaskRequest {
@@ -460,10 +425,7 @@ async fn kvm_fallback_after_the_handle_and_recovery_finds_the_relaunched_vm() {
     let server = FileServer::start(guest.dir()).unwrap();
     let env = NomadEnv::new("nomad-kvm", "");
     let config = plugin_config([], vec![]).encode();
-    let mut a = env.start_plugin().await;
-    set_config(&a, config.clone(), Some(nomad_config()))
-        .await
-        .expect("SetConfig");
+    let mut a = env.start_configured(config.clone()).await;
     let events = open_events(&a).await;
     let alloc = env.alloc("kvm");
     let port = free_port();
@@ -511,10 +473,7 @@ async fn kvm_fallback_after_the_handle_and_recovery_finds_the_relaunched_vm() {
 
     drop(events);
     a.kill_cleanly().await;
-    let mut b = env.start_plugin().await;
-    set_config(&b, config, Some(nomad_config()))
-        .await
-        .expect("SetConfig");
+    let mut b = env.start_configured(config).await;
     b.driver()
         .recover_task(RecoverTaskRequest {
             task_id: String::new(),

@@ -104,25 +104,39 @@ impl From<String> for Value {
     }
 }
 
-/// The attributes of the plugin's task schema (`TaskConfigSchema`).
-pub const TASK_ATTRIBUTES: [&str; 16] = [
-    "image_source",
-    "image_path",
-    "checksum",
-    "accelerator",
-    "kvm_fallback",
-    "host_port",
-    "guest_port",
-    "port_map",
-    "graceful_shutdown",
-    "args",
-    "machine_type",
-    "drive_interface",
-    "ready_serial",
-    "ready_timeout_s",
-    "ready_check",
-    "emulator",
+/// The plugin's task schema (`TaskConfigSchema`): each attribute and its
+/// HCL type, as the contract gives them.
+pub const TASK_SCHEMA: [(&str, &str); 16] = [
+    ("image_source", "string"),
+    ("image_path", "string"),
+    ("checksum", "string"),
+    ("accelerator", "string"),
+    ("kvm_fallback", "bool"),
+    ("host_port", "number"),
+    ("guest_port", "number"),
+    ("port_map", "list(map(number))"),
+    ("graceful_shutdown", "bool"),
+    ("args", "list(string)"),
+    ("machine_type", "string"),
+    ("drive_interface", "string"),
+    ("ready_serial", "string"),
+    ("ready_timeout_s", "number"),
+    ("ready_check", "string"),
+    ("emulator", "string"),
 ];
+
+/// The attributes of the task schema, without their types.
+pub const TASK_ATTRIBUTES: [&str; 16] = names_of(TASK_SCHEMA);
+
+const fn names_of<const N: usize>(schema: [(&'static str, &'static str); N]) -> [&'static str; N] {
+    let mut names = [""; N];
+    let mut i = 0;
+    while i < N {
+        names[i] = schema[i].0;
+        i += 1;
+    }
+    names
+}
 
 /// The attributes of the plugin's own schema (`ConfigSchema`).
 pub const PLUGIN_ATTRIBUTES: [&str; 5] = [

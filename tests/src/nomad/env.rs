@@ -47,6 +47,22 @@ impl NomadEnv {
         PluginUnderTest::start(&self.sandbox, Some(&self.config)).await
     }
 
+    /// Starts a plugin and configures it as Nomad's driver manager does:
+    /// SetConfig with `config` (cty msgpack) and the client's ports, then
+    /// Init.
+    pub async fn start_configured(&self, config: Vec<u8>) -> PluginUnderTest {
+        let plugin = self.start_plugin().await;
+        super::calls::set_config(&plugin, config, Some(super::calls::nomad_config()))
+            .await
+            .expect("SetConfig");
+        plugin
+            .driver()
+            .init(nomad_proto::driver::InitRequest {})
+            .await
+            .expect("Init");
+        plugin
+    }
+
     /// A fresh allocation directory inside the sandbox.
     pub fn alloc(&self, task_name: &str) -> AllocDir {
         let parent = self.sandbox.path().join("allocs");
