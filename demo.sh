@@ -9,8 +9,10 @@ scripts/setup.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-say "building qemu-executor and the shipped policies"
-cargo build --quiet -p qemu-executor
+# The first build compiles wasmtime and the rest from source: about 9
+# minutes on two cores (cargo shows its progress); later runs take seconds.
+say "building qemu-executor and the shipped policies (the first time: about 9 minutes on 2 cores)"
+cargo build -p qemu-executor
 bin=$CARGO_TARGET_DIR/debug/qemu-executor
 policy_dir=$(scripts/build-policies.sh)
 
