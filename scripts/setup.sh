@@ -73,8 +73,10 @@ plan() {
     qemu_plan
     local pkg
     # Guest building (xorriso, cpio, isolinux, syslinux-common), downloads
-    # in the demo (curl), and protoc for nomad-proto.
-    for pkg in xorriso cpio curl protobuf-compiler isolinux syslinux-common; do
+    # in the demo (curl), and protoc for nomad-proto with the well-known
+    # types it imports (libprotobuf-dev: only a recommendation of
+    # protobuf-compiler, and recommendations are not installed).
+    for pkg in xorriso cpio curl protobuf-compiler libprotobuf-dev isolinux syslinux-common; do
         [ -n "$(installed "$pkg")" ] || echo "$pkg"
     done
 }

@@ -157,7 +157,14 @@ fn a_new_machine_gets_a_matching_qemu_pair() {
     assert!(plan.contains(&format!("qemu-utils={want}")), "{plan:?}");
     let installs = resolve(admin.path(), &plan);
     assert_matching_pair(&status, &installs);
-    for tool in ["xorriso", "cpio", "protobuf-compiler", "isolinux", "syslinux-common"] {
+    for tool in [
+        "xorriso",
+        "cpio",
+        "protobuf-compiler",
+        "libprotobuf-dev",
+        "isolinux",
+        "syslinux-common",
+    ] {
         assert!(
             installs.iter().any(|(name, _)| name == tool) || installed_version(&status, tool).is_some(),
             "{tool} is neither installed nor planned"
