@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::agent::config::AgentConfig;
 use crate::fetch::{FetchConfig, FetchConfigError};
+use crate::host::isolation::config::AgentConfig;
 use crate::passthrough::{ArgsConfig, ArgsError};
 use crate::policy::PolicySpec;
 use crate::policy::config::PolicyConfig;

@@ -10,21 +10,18 @@ pub mod config;
 pub mod digest;
 pub mod dirs;
 pub mod fetch;
-pub mod fingerprint;
+pub mod host;
 pub mod jobfile;
-pub mod kvm;
-pub mod launcher;
+pub mod launch;
 pub mod logtail;
 pub mod nomad;
 pub mod passthrough;
 pub mod policy;
 pub mod qemu;
 pub mod readiness;
-pub mod runner;
-pub mod supervisor;
 pub mod task;
 pub mod units;
-pub mod verdict;
+pub mod vm;
 
 /// An error and its causes on one line, `outer: cause: root cause`, for
 /// log fields (the binary prints the chain one cause per line instead).

@@ -62,6 +62,16 @@ impl LogTail {
     }
 }
 
+/// The last lines of qemu's own log from byte `from` on, for error
+/// messages.
+pub fn log_tail(path: &std::path::Path, from: u64) -> String {
+    let mut tail = LogTail::starting_at(path.to_path_buf(), from);
+    tail.poll();
+    let text = tail.text();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +102,15 @@ mod tests {
         let mut tail = LogTail::new(path);
         assert!(tail.poll());
         assert!(tail.text().len() <= WINDOW);
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "1\n2\n\n3\n4\n5\n6\n7\n").unwrap();
+        assert_eq!(log_tail(&p, 0), "3 | 4 | 5 | 6 | 7");
+        assert_eq!(log_tail(&p, 9), "5 | 6 | 7");
+        assert_eq!(log_tail(&dir.path().join("missing"), 0), "");
     }
 }

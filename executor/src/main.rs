@@ -18,7 +18,7 @@ fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::from(cli::EXIT_ERROR)
+            qemu_executor::launch::Exit::ERROR.into()
         }
     }
 }

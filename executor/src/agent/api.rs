@@ -14,8 +14,8 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::{Agent, AgentError, StopError};
-use crate::supervisor::TaskDir;
 use crate::task::{TaskFile, parse_json, parse_toml};
+use crate::vm::TaskDir;
 
 /// Largest request body: a task file is a few hundred bytes.
 pub const MAX_BODY: usize = 1 << 20;

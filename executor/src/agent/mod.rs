@@ -1,24 +1,22 @@
 //! Agent mode: many VMs under one long-running executor that keeps their
 //! state in a store and gets them back after its own restart.
 //!
-//! - [`Agent`]: the tasks, the store, the shared fetcher, cache and policy
-//!   chain, and the isolation this host allows.
-//! - `worker`: one tokio task per task, from policies to the VM's end,
-//!   with restarts; `recover`: what a restarted agent does with each task.
+//! - [`Agent`]: the tasks, the store, and the launch pipeline they share
+//!   (fetcher, cache, policy chain, and the isolation this host allows).
+//! - `worker`: one tokio task per task, through the pipeline to the VM's
+//!   end, with restarts; `recover`: what a restarted agent does with each
+//!   task.
 //! - `api` / `server`: HTTP/1.1 + JSON over a Unix socket; [`client`]: the
 //!   CLI's side of it.
 //! - [`store`]: redb, one row per task, written before a change takes
 //!   effect.
 
 pub mod client;
-pub mod config;
-pub mod isolation;
 pub mod metrics;
 pub mod record;
 pub mod restart;
 pub mod server;
 pub mod store;
-pub mod usage;
 
 mod api;
 mod logs;
@@ -35,10 +33,10 @@ use policy_sdk::{PortMapping, Task};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::runner::Runner;
-use crate::supervisor::StopSignal;
+use crate::host::usage;
+use crate::launch::Pipeline;
+use crate::vm::StopSignal;
 
-pub use isolation::Isolation;
 pub use metrics::Metrics;
 pub use record::{TaskRecord, TaskState};
 pub use store::Store;
@@ -47,8 +45,6 @@ pub use store::Store;
 pub enum AgentError {
     #[error("Cannot open the agent's state")]
     Store(#[from] store::StoreError),
-    #[error(transparent)]
-    Isolation(#[from] isolation::IsolationError),
     #[error("Cannot create {}", path.display())]
     Dir {
         path: PathBuf,
@@ -56,7 +52,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("Cannot create the task directory")]
-    TaskDir(#[from] crate::launcher::LaunchError),
+    TaskDir(#[from] crate::launch::LaunchError),
     #[error("The agent is shutting down and accepts no new tasks")]
     ShuttingDown,
 }
@@ -70,25 +66,13 @@ pub enum StopError {
     Ended { id: String, state: TaskState },
 }
 
-/// Everything the agent is built from.
-pub struct AgentSettings {
-    pub state_dir: PathBuf,
-    /// Fetcher, cache, policy chain, host probe and configuration, shared
-    /// by every task.
-    pub runner: Runner,
-    /// The `qemu-executor` binary, run as each VM's shim.
-    pub exe: PathBuf,
-    pub isolation: Isolation,
-}
-
 /// The agent: its tasks and what they share.
 pub struct Agent {
     store: Store,
-    runner: Runner,
-    isolation: Isolation,
-    exe: PathBuf,
+    /// Every task's launch: fetcher, cache, policy chain, host probe,
+    /// configuration, and the VMs' shim and isolation.
+    pipeline: Pipeline,
     exits_dir: PathBuf,
-    state_dir: PathBuf,
     tasks: RwLock<BTreeMap<String, Arc<TaskHandle>>>,
     pub metrics: Metrics,
     accepting: AtomicBool,
@@ -178,13 +162,14 @@ pub(crate) fn now_ms() -> u64 {
 
 impl Agent {
     /// Opens the store under `<state>/agent` (refusing a second agent on
-    /// the same state directory) and says which isolation applies.
-    pub fn open(settings: AgentSettings) -> Result<Arc<Agent>, AgentError> {
-        let agent_dir = settings.state_dir.join("agent");
+    /// the same state directory) and says which isolation applies. The
+    /// pipeline's VMs must be detached: they outlive the agent.
+    pub fn open(pipeline: Pipeline) -> Result<Arc<Agent>, AgentError> {
+        let agent_dir = pipeline.state_dir.join("agent");
         let store = Store::open(&agent_dir)?;
         let exits_dir = agent_dir.join("exits");
         create_private_dir(&exits_dir)?;
-        for (name, m) in settings.isolation.report() {
+        for (name, m) in isolation_report(&pipeline) {
             if m.active {
                 tracing::info!(mechanism = %name, detail = %m.detail, "isolation active");
             } else {
@@ -193,11 +178,8 @@ impl Agent {
         }
         Ok(Arc::new(Agent {
             store,
-            runner: settings.runner,
-            isolation: settings.isolation,
-            exe: settings.exe,
+            pipeline,
             exits_dir,
-            state_dir: settings.state_dir,
             tasks: RwLock::new(BTreeMap::new()),
             metrics: Metrics::default(),
             accepting: AtomicBool::new(true),
@@ -236,7 +218,7 @@ impl Agent {
         if !self.accepting.load(Ordering::Acquire) {
             return Err(AgentError::ShuttingDown);
         }
-        let dir = crate::launcher::create_task_dir(&self.state_dir, &task.name)?;
+        let dir = crate::launch::task_dir(&self.pipeline.state_dir, &task.name)?;
         // Logs and the serial console are the tenant's business only.
         std::fs::set_permissions(
             &dir.root,
@@ -361,7 +343,7 @@ impl Agent {
             accepting: self.accepting.load(Ordering::Acquire),
             tasks: handles.len(),
             recovering: handles.iter().filter(|h| h.is_recovering()).count(),
-            isolation: self.isolation.report(),
+            isolation: isolation_report(&self.pipeline),
         }
     }
 
@@ -399,6 +381,14 @@ impl Agent {
     fn exit_record_path(&self, id: &str) -> PathBuf {
         self.exits_dir.join(format!("{id}.json"))
     }
+}
+
+fn isolation_report(pipeline: &Pipeline) -> record::IsolationReport {
+    pipeline
+        .detached
+        .as_ref()
+        .map(|d| d.isolation.report())
+        .unwrap_or_default()
 }
 
 fn vm_pid(record: &TaskRecord) -> Option<u32> {

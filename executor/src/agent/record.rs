@@ -3,11 +3,12 @@
 //! how it ended. Plain data with serde, so the store's rows and the API's
 //! JSON are the same shapes.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use policy_sdk::{Accelerator, Task};
 use serde::{Deserialize, Serialize};
+
+pub use crate::host::isolation::{IsolationReport, Mechanism};
 
 use crate::qemu::process::ProcessIdentity;
 
@@ -129,33 +130,6 @@ pub struct ExitRecord {
     #[serde(default)]
     pub while_agent_down: bool,
 }
-
-/// One isolation mechanism: whether it applies, and what it is or why not.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mechanism {
-    pub active: bool,
-    pub detail: String,
-}
-
-impl Mechanism {
-    pub fn on(detail: impl Into<String>) -> Self {
-        Mechanism {
-            active: true,
-            detail: detail.into(),
-        }
-    }
-
-    pub fn off(why: impl Into<String>) -> Self {
-        Mechanism {
-            active: false,
-            detail: why.into(),
-        }
-    }
-}
-
-/// Mechanisms by name: `cgroup`, `user`, `sandbox`, `mount_namespace`,
-/// `chroot`.
-pub type IsolationReport = BTreeMap<String, Mechanism>;
 
 /// Everything the agent knows about one task. Stored as JSON in the store,
 /// one row per task.

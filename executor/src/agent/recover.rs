@@ -1,8 +1,8 @@
 //! What a restarted agent does with a task it reads back from the store:
-//! re-identify its VM by the shim's and qemu's pid plus start time (a
-//! reused pid is never taken for the VM), reconnect QMP and carry on, or,
-//! if the VM ended while no agent watched, report how from the shim's
-//! exit record.
+//! takes its VM back through the launch pipeline (by the shim's and qemu's
+//! pid plus start time, so a reused pid is never taken for the VM) and
+//! carries on, or, if the VM ended while no agent watched, reports how
+//! from the shim's exit record.
 
 use std::time::Duration;
 
@@ -11,13 +11,8 @@ use nix::sys::signal::Signal;
 use super::record::TaskState;
 use super::worker::Next;
 use super::{Agent, TaskHandle, now_ms};
-use crate::launcher::Phase;
-use crate::qemu::process::VmProcess;
-use crate::qemu::shim::{AdoptError, ExitRecord, ShimmedQemu};
-use crate::supervisor::{Ending, TaskDir, Vm, describe_status};
-
-/// The shortest boot watch an adopted, still booting VM gets.
-const MIN_BOOT_LEFT: Duration = Duration::from_secs(5);
+use crate::launch::{Adoption, Found, LaunchError, Phase};
+use crate::vm::{Ending, StopHow, TaskDir, describe_status};
 
 pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
     let record = handle.record();
@@ -49,120 +44,57 @@ pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
             Next::Admit
         };
     };
-    if let Some(image) = &record.image {
-        // The lease named the dead agent; gc must not take the image from
-        // a VM that may be restarted from it.
-        let checksum = record.effective_task().checksum.clone();
-        if image.path.exists()
-            && let Err(e) = agent
-                .runner
-                .cache
-                .lease(&checksum, &handle.id, std::process::id())
-        {
-            tracing::warn!(task = %handle.id, error = %crate::error_chain(&e), "cannot renew the image lease");
-        }
-    }
-    let exit_path = agent.exit_record_path(&handle.id);
-    let dir = TaskDir {
-        root: record.dir.clone(),
+    let task = record.effective_task();
+    let found = Found {
+        qemu: vm.qemu,
+        shim: vm.shim,
+        exit_record: agent.exit_record_path(&handle.id),
+        dir: TaskDir {
+            root: record.dir.clone(),
+        },
     };
-    match ShimmedQemu::adopt(vm.qemu, vm.shim, exit_path.clone()) {
-        Ok(shimmed) => {
-            let process = VmProcess::Shimmed(shimmed);
-            match Vm::adopt(process, dir).await {
-                Ok(adopted) => {
-                    let phase = match state {
-                        TaskState::Stopping => Phase::Stopping,
-                        TaskState::Ready => Phase::Ready,
-                        _ => {
-                            let timeout =
-                                Duration::from_secs(record.effective_task().ready_timeout_s.into());
-                            let spent =
-                                Duration::from_millis(now_ms().saturating_sub(vm.started_at_ms));
-                            Phase::Booting {
-                                left: timeout.saturating_sub(spent).max(MIN_BOOT_LEFT),
-                            }
-                        }
-                    };
-                    tracing::info!(task = %handle.id, pid = vm.qemu.pid, shim = vm.shim.pid, ?phase, "VM adopted");
-                    let accelerator = record
-                        .accelerator
-                        .as_ref()
-                        .map_or(record.effective_task().accelerator, |a| a.used);
-                    Next::Adopted {
-                        vm: Box::new(adopted),
-                        phase,
-                        accelerator,
-                    }
-                }
-                Err(e) => {
-                    // Alive but deaf: it cannot be stopped gracefully or
-                    // watched, so it is killed and counts as a failure.
-                    let reason = crate::error_chain(&e);
-                    tracing::error!(task = %handle.id, pid = vm.qemu.pid, error = %reason, "cannot reconnect to the VM; killing it");
-                    let mut process = ShimmedQemu::adopt(vm.qemu, vm.shim, exit_path)
-                        .map(VmProcess::Shimmed)
-                        .ok();
-                    if let Some(p) = &mut process {
-                        p.signal_group(Signal::SIGKILL);
-                        let _ = tokio::time::timeout(Duration::from_secs(10), p.wait()).await;
-                    }
-                    Next::Ended {
-                        outcome: Err(format!(
-                            "cannot reconnect to the VM after a restart of the agent: {reason}"
-                        )),
-                        while_agent_down: false,
-                    }
-                }
+    match agent.pipeline.adopt(&found, &task.checksum).await {
+        Adoption::Running(adopted) => {
+            let phase = match state {
+                TaskState::Stopping => Phase::Stopping,
+                TaskState::Ready => Phase::Ready,
+                _ => Phase::booting(task.ready_timeout_s, vm.started_at_ms, now_ms()),
+            };
+            tracing::info!(task = %handle.id, pid = vm.qemu.pid, shim = vm.shim.pid, ?phase, "VM adopted");
+            let accelerator = record
+                .accelerator
+                .as_ref()
+                .map_or(task.accelerator, |a| a.used);
+            Next::Adopted {
+                vm: Box::new(adopted),
+                phase,
+                accelerator,
             }
         }
-        Err(AdoptError::ShimGone(_)) => ended_while_down(handle, &vm.qemu, &exit_path, state),
-        Err(e @ AdoptError::Watch { .. }) => Next::Ended {
-            outcome: Err(crate::error_chain(&e)),
-            while_agent_down: false,
-        },
-    }
-}
-
-/// The VM ended while no agent watched: its shim's record says how.
-fn ended_while_down(
-    handle: &TaskHandle,
-    qemu: &crate::qemu::process::ProcessIdentity,
-    exit_path: &std::path::Path,
-    state: TaskState,
-) -> Next {
-    let outcome = match ExitRecord::read(exit_path) {
-        Some(rec) if rec.qemu_pid == qemu.pid => {
-            let status = rec.status();
-            if state == TaskState::Stopping && status.success() {
+        Adoption::EndedMeanwhile { status, .. } => {
+            tracing::info!(task = %handle.id, pid = vm.qemu.pid, "the VM ended while the agent was down");
+            let ending = if state == TaskState::Stopping && status.success() {
                 // The stop had pressed the power button, and it was heard.
-                Ok(Ending::Stopped(crate::supervisor::StopHow::Powerdown))
+                Ending::Stopped(StopHow::Powerdown)
             } else if status.success() {
                 // qemu exits 0 on a guest power-off, and nobody sent
                 // `quit`: the guest shut down.
-                Ok(Ending::GuestShutdown)
+                Ending::GuestShutdown
             } else {
-                Ok(Ending::QemuExited {
+                Ending::QemuExited {
                     status: describe_status(Ok(status)),
                     log_tail: String::new(),
-                })
+                }
+            };
+            Next::Ended {
+                outcome: Ok(ending),
+                while_agent_down: true,
             }
         }
-        _ => {
-            if qemu.is_alive() {
-                // Should never be: pdeathsig ties qemu to its shim.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(qemu.pid as i32),
-                    Signal::SIGKILL,
-                );
-            }
-            Err("the VM's shim was killed, and qemu with it".to_string())
-        }
-    };
-    tracing::info!(task = %handle.id, pid = qemu.pid, "the VM ended while the agent was down");
-    Next::Ended {
-        outcome,
-        while_agent_down: true,
+        Adoption::Lost(e) => Next::Ended {
+            while_agent_down: matches!(e, LaunchError::ShimKilled),
+            outcome: Err(e),
+        },
     }
 }
 

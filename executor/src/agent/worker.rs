@@ -1,7 +1,7 @@
-//! One task's life in its own tokio task: the policy chain, the image, the
-//! VM under its shim, its restarts, its end. Nothing here waits on another
-//! task: a slow download, a stuck policy or a crashed guest stays within
-//! its own worker.
+//! One task's life in its own tokio task: the launch pipeline's steps, the
+//! VM's restarts, its end. Nothing here waits on another task: a slow
+//! download, a stuck policy or a crashed guest stays within its own
+//! worker. What the pipeline reports becomes the task's record.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,10 +10,9 @@ use policy_sdk::Accelerator;
 
 use super::record::{AcceleratorChoice, ExitRecord, ImageRecord, TaskState, VmRecord};
 use super::restart::{self, Decision};
-use super::{Agent, TaskHandle, isolation, now_ms};
-use crate::launcher::{self, HostSettings, LaunchError, LaunchEvent, Phase, Prepared};
-use crate::policy::ChainOutcome;
-use crate::supervisor::{Ending, ShimSettings, TaskDir, Vm};
+use super::{Agent, TaskHandle, now_ms};
+use crate::launch::{Admitted, Event, Holdings, LaunchError, Phase, Placement};
+use crate::vm::{Ending, TaskDir, Vm};
 
 /// The next step of a task's life.
 pub(super) enum Next {
@@ -31,7 +30,7 @@ pub(super) enum Next {
     },
     /// The VM (or its launch) ended: finish, or restart per the policy.
     Ended {
-        outcome: Result<Ending, String>,
+        outcome: Result<Ending, LaunchError>,
         while_agent_down: bool,
     },
     /// Wait out a restart's delay.
@@ -58,21 +57,13 @@ pub(super) async fn drive(agent: Arc<Agent>, handle: Arc<TaskHandle>, mut next: 
                 phase,
                 accelerator,
             } => {
-                let record = handle.record();
-                // Nothing is launched from here: qemu's binary and version
-                // do not matter, the confinement is the agent's.
-                let host = host_settings(&agent, &handle, None, Vec::new());
-                let task = record.effective_task().clone();
-                let ending = launcher::resume(
-                    &host,
-                    *vm,
-                    &task,
-                    accelerator,
-                    phase,
-                    &handle.stop,
-                    |event| on_launch_event(&agent, &handle, event),
-                )
-                .await;
+                let task = handle.record().effective_task().clone();
+                let ending = agent
+                    .pipeline
+                    .resume(*vm, &task, accelerator, phase, &handle.stop, &mut |event| {
+                        record_event(&agent, &handle, event)
+                    })
+                    .await;
                 Next::Ended {
                     outcome: Ok(ending),
                     while_agent_down: false,
@@ -95,215 +86,178 @@ pub(super) async fn drive(agent: Arc<Agent>, handle: Arc<TaskHandle>, mut next: 
     }
 }
 
+/// The policy chain, once: restarts reuse its verdict.
 async fn admit(agent: &Agent, handle: &TaskHandle) -> Next {
     agent.update(handle, |r| r.state = TaskState::Evaluating);
     let submitted = handle.record().submitted;
-    let facts = agent.runner.probe.host_facts().await;
-    let started = Instant::now();
-    let outcome = agent.runner.chain.evaluate(submitted, &facts).await;
-    let took = started.elapsed();
-    let steps: Vec<serde_json::Value> = outcome
-        .steps()
-        .iter()
-        .filter_map(|s| serde_json::to_value(s).ok())
-        .collect();
-    match outcome {
-        ChainOutcome::Accepted { task, .. } => {
+    let mut evaluating = Instant::now();
+    let mut took = Duration::ZERO;
+    let mut steps = Vec::new();
+    let admitted = agent
+        .pipeline
+        .admit(submitted, &mut |event| match event {
+            Event::Facts(_) => evaluating = Instant::now(),
+            Event::Policies(outcome) => {
+                took = evaluating.elapsed();
+                steps = outcome
+                    .steps()
+                    .iter()
+                    .filter_map(|s| serde_json::to_value(s).ok())
+                    .collect();
+            }
+            _ => {}
+        })
+        .await;
+    match admitted {
+        Ok(Admitted { task, .. }) => {
             agent.metrics.evaluated(took, false, false);
             agent.update(handle, |r| {
                 r.policies = steps;
                 r.task = Some(task);
             });
             if handle.stop.is_requested() {
-                return finish(
-                    agent,
-                    handle,
-                    TaskState::Exited,
-                    "stopped before launch".into(),
-                    false,
-                );
+                return stopped_before_launch(agent, handle);
             }
             Next::Launch
         }
-        ChainOutcome::Rejected { fault, .. } => {
-            agent.metrics.evaluated(took, true, fault);
-            let reason = outcome.to_string();
+        Err(e) => {
+            let fault = matches!(e, LaunchError::Rejected { fault: true, .. });
+            let rejected = matches!(e, LaunchError::Rejected { .. });
+            agent.metrics.evaluated(took, rejected, fault);
             agent.update(handle, |r| r.policies = steps);
-            finish(agent, handle, TaskState::Failed, reason, false)
+            finish(
+                agent,
+                handle,
+                TaskState::Failed,
+                crate::error_chain(&e),
+                false,
+            )
         }
     }
 }
 
+fn stopped_before_launch(agent: &Agent, handle: &TaskHandle) -> Next {
+    finish(
+        agent,
+        handle,
+        TaskState::Exited,
+        "stopped before launch".into(),
+        false,
+    )
+}
+
+/// One launch of the admitted task: plan, prepare, boot, supervise.
 async fn launch(agent: &Agent, handle: &TaskHandle) -> Next {
     if handle.stop.is_requested() {
-        return finish(
-            agent,
-            handle,
-            TaskState::Exited,
-            "stopped before launch".into(),
-            false,
-        );
+        return stopped_before_launch(agent, handle);
     }
     let record = handle.record();
-    let task = record.effective_task().clone();
-    let fail = |reason: String| finish(agent, handle, TaskState::Failed, reason, false);
-    let runner = &agent.runner;
-    let extra_args = match runner.config.args.check(&task.args) {
-        Ok(a) => a,
-        Err(e) => return fail(format!("Task refused: {}", crate::error_chain(&e))),
+    let pipeline = &agent.pipeline;
+    let fail = |e: LaunchError| match e {
+        LaunchError::Interrupted => stopped_before_launch(agent, handle),
+        e => finish(
+            agent,
+            handle,
+            TaskState::Failed,
+            crate::error_chain(&e),
+            false,
+        ),
     };
-    let facts = runner.probe.host_facts().await;
-    let (accelerator, reason) = match launcher::choose_accelerator(&task, &facts) {
-        Ok(c) => c,
-        Err(e) => return fail(crate::error_chain(&e)),
+    let placement = Placement {
+        dir: TaskDir {
+            root: record.dir.clone(),
+        },
+        exit_record: Some(agent.exit_record_path(&handle.id)),
+        // The agent keeps the logs in the task directory only.
+        forwards: Vec::new(),
     };
-    let qemu = match runner.probe.qemu().await {
-        Ok(q) => q,
-        Err(e) => return fail(crate::error_chain(&e)),
+    let mut on_event = |event: Event<'_>| record_event(agent, handle, event);
+    let admitted = match Admitted::of(record.effective_task().clone(), &pipeline.config) {
+        Ok(admitted) => admitted,
+        Err(e) => return fail(e),
     };
-    agent.update(handle, |r| {
-        r.state = TaskState::Fetching;
-        r.accelerator = Some(AcceleratorChoice {
-            requested: task.accelerator,
-            used: accelerator,
-            reason,
-        });
-    });
-
-    let fetch = runner.fetcher.fetch_leased(
-        &runner.cache,
-        &task.image_source,
-        &task.checksum,
-        &handle.id,
-        std::process::id(),
-    );
-    // A lease left on drop stays on disk; it is released when the task
-    // ends.
-    let fetched = tokio::select! {
-        r = fetch => r,
-        _ = handle.stop.requested() => {
-            return finish(agent, handle, TaskState::Exited, "stopped before launch".into(), false);
-        }
+    let plan = match pipeline.plan(&admitted, &mut on_event).await {
+        Ok(plan) => plan,
+        Err(e) => return fail(e),
     };
-    let fetched = match fetched {
-        Ok((fetched, _lease)) => fetched,
-        Err(e) => {
-            return fail(format!(
-                "Cannot fetch the image: {}",
-                crate::error_chain(&e)
-            ));
-        }
+    let prepared = pipeline
+        .prepare(
+            admitted,
+            plan,
+            &placement,
+            &handle.stop,
+            None,
+            &mut on_event,
+        )
+        .await;
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(e),
     };
-    agent.metrics.fetched(fetched.body_bytes, fetched.cache_hit);
-
-    let dir = TaskDir {
-        root: record.dir.clone(),
-    };
-    let mut cgroups = record.cgroups.clone();
-    let mut report = agent.isolation.report();
-    if cgroups.is_empty() {
-        let made = agent
-            .isolation
-            .cgroups_for(&handle.id, task.memory_mb, task.cpus);
-        cgroups = made.paths;
-        if let Some(m) = made.report {
-            report.insert("cgroup".into(), m);
-        }
-    } else if let Some(m) = record.isolation.get("cgroup") {
-        report.insert("cgroup".into(), m.clone());
-    }
-    if let Err(e) = agent
-        .isolation
-        .hand_over(&dir.root, &[dir.serial_log(), dir.qemu_log()])
-    {
-        return fail(crate::error_chain(&e));
-    }
     agent.update(handle, |r| {
         r.state = TaskState::Starting;
-        r.image = Some(ImageRecord {
-            path: fetched.path.clone(),
-            size: fetched.size,
-            cache_hit: fetched.cache_hit,
-            body_bytes: fetched.body_bytes,
-        });
-        r.isolation = report;
-        r.cgroups = cgroups.clone();
+        r.cgroups = prepared.cgroups.clone();
         r.vm = None;
     });
-
-    let host = host_settings(agent, handle, Some(&qemu), cgroups);
-    let prepared = Prepared {
-        task: &task,
-        accelerator,
-        image: &fetched.path,
-        extra_args: &extra_args,
-        dir: &dir,
-    };
-    let outcome = launcher::launch(&host, prepared, &handle.stop, |event| {
-        on_launch_event(agent, handle, event)
-    })
-    .await
-    .map_err(|e: LaunchError| crate::error_chain(&e));
+    let outcome = pipeline
+        .launch(&prepared, &placement, &handle.stop, &mut on_event)
+        .await;
     Next::Ended {
         outcome,
         while_agent_down: false,
     }
 }
 
-/// The launcher's settings for this task's VM.
-fn host_settings(
-    agent: &Agent,
-    handle: &TaskHandle,
-    qemu: Option<&crate::fingerprint::QemuInfo>,
-    cgroups: Vec<std::path::PathBuf>,
-) -> HostSettings {
-    HostSettings::shimmed(
-        &agent.runner.config,
-        &agent.state_dir,
-        &agent.isolation,
-        qemu,
-        ShimSettings {
-            exe: agent.exe.clone(),
-            exit_record: agent.exit_record_path(&handle.id),
-            cgroups,
-            mount_namespace: agent.isolation.mount_namespace,
-            // The agent keeps the logs in the task directory only.
-            forwards: Vec::new(),
-        },
-    )
-}
-
-/// Records what the launcher reports, before the agent acts on it.
-fn on_launch_event(agent: &Agent, handle: &TaskHandle, event: LaunchEvent<'_>) {
+/// Records what the pipeline reports, before the agent acts on it.
+fn record_event(agent: &Agent, handle: &TaskHandle, event: Event<'_>) {
     match event {
-        LaunchEvent::Started {
+        Event::Facts(_) | Event::Policies(_) => {}
+        Event::Accelerator {
+            requested,
+            chosen,
+            reason,
+        } => agent.update(handle, |r| {
+            r.state = TaskState::Fetching;
+            r.accelerator = Some(AcceleratorChoice {
+                requested,
+                used: chosen,
+                reason: reason.map(str::to_string),
+            });
+        }),
+        Event::Image(fetched) => {
+            agent.metrics.fetched(fetched.body_bytes, fetched.cache_hit);
+            agent.update(handle, |r| {
+                r.image = Some(ImageRecord {
+                    path: fetched.path.clone(),
+                    size: fetched.size,
+                    cache_hit: fetched.cache_hit,
+                    body_bytes: fetched.body_bytes,
+                });
+            });
+        }
+        Event::Confined { report, .. } => agent.update(handle, |r| r.isolation = report.clone()),
+        Event::Started {
             accelerator,
             identity,
             shim,
-            dir,
             ..
-        } => {
-            if let Err(e) = agent.isolation.hand_over_qmp_socket(dir) {
-                tracing::warn!(task = %handle.id, error = %crate::error_chain(&e), "cannot hand the QMP socket to the VM's user");
-            }
-            agent.update(handle, |r| {
-                r.state = TaskState::Running;
-                r.vm = Some(VmRecord {
-                    qemu: identity,
-                    // Agent VMs always run under a shim.
-                    shim: shim.unwrap_or(identity),
-                    started_at_ms: now_ms(),
-                    ready_at_ms: None,
-                });
-                if let Some(choice) = &mut r.accelerator {
-                    choice.used = accelerator;
-                }
+        } => agent.update(handle, |r| {
+            r.state = TaskState::Running;
+            r.vm = Some(VmRecord {
+                qemu: identity,
+                // Agent VMs always run under a shim.
+                shim: shim.unwrap_or(identity),
+                started_at_ms: now_ms(),
+                ready_at_ms: None,
             });
-        }
-        LaunchEvent::PortReady(port) => {
+            if let Some(choice) = &mut r.accelerator {
+                choice.used = accelerator;
+            }
+        }),
+        Event::PortReady(port) => {
             tracing::info!(task = %handle.id, host = port.host, guest = port.guest, "port ready");
         }
-        LaunchEvent::Ready { after } => {
+        Event::Ready { after } => {
             tracing::info!(task = %handle.id, secs = after.as_secs_f64(), "ready");
             agent.update(handle, |r| {
                 r.state = TaskState::Ready;
@@ -312,7 +266,7 @@ fn on_launch_event(agent: &Agent, handle: &TaskHandle, event: LaunchEvent<'_>) {
                 }
             });
         }
-        LaunchEvent::KvmFallback { reason } => {
+        Event::KvmFallback { reason } => {
             let reason = format!("kvm failed this guest ({reason}); relaunched under tcg");
             agent.update(handle, |r| {
                 if let Some(choice) = &mut r.accelerator {
@@ -321,7 +275,7 @@ fn on_launch_event(agent: &Agent, handle: &TaskHandle, event: LaunchEvent<'_>) {
                 }
             });
         }
-        LaunchEvent::Stopping => agent.update(handle, |r| r.state = TaskState::Stopping),
+        Event::Stopping => agent.update(handle, |r| r.state = TaskState::Stopping),
     }
 }
 
@@ -329,7 +283,7 @@ fn on_launch_event(agent: &Agent, handle: &TaskHandle, event: LaunchEvent<'_>) {
 fn ended(
     agent: &Agent,
     handle: &TaskHandle,
-    outcome: Result<Ending, String>,
+    outcome: Result<Ending, LaunchError>,
     while_agent_down: bool,
 ) -> Next {
     let down = if while_agent_down {
@@ -337,37 +291,30 @@ fn ended(
     } else {
         ""
     };
-    let cause = match outcome {
+    let (state, reason) = match outcome {
         Ok(ending) if handle.stop.is_requested() || matches!(ending, Ending::Stopped(_)) => {
-            return finish(
-                agent,
-                handle,
-                TaskState::Exited,
-                format!("{ending}{down}"),
-                while_agent_down,
-            );
+            (TaskState::Exited, format!("{ending}{down}"))
         }
-        Ok(Ending::GuestShutdown) => {
-            return finish(
-                agent,
-                handle,
-                TaskState::Exited,
-                format!("the guest shut down{down}"),
-                while_agent_down,
-            );
+        Ok(Ending::GuestShutdown) => (TaskState::Exited, format!("the guest shut down{down}")),
+        Ok(ending @ Ending::KvmUnusable { .. }) => (TaskState::Failed, ending.to_string()),
+        Ok(ending) => {
+            return restart_or_fail(agent, handle, format!("{ending}{down}"), while_agent_down);
         }
-        Ok(ending @ Ending::KvmUnusable { .. }) => {
-            return finish(
-                agent,
-                handle,
-                TaskState::Failed,
-                ending.to_string(),
-                while_agent_down,
-            );
+        Err(e) => {
+            let cause = format!("launch failed: {}{down}", crate::error_chain(&e));
+            return restart_or_fail(agent, handle, cause, while_agent_down);
         }
-        Ok(ending) => format!("{ending}{down}"),
-        Err(launch_error) => format!("launch failed: {launch_error}{down}"),
     };
+    finish(agent, handle, state, reason, while_agent_down)
+}
+
+/// The VM ended on its own: its restart policy decides.
+fn restart_or_fail(
+    agent: &Agent,
+    handle: &TaskHandle,
+    cause: String,
+    while_agent_down: bool,
+) -> Next {
     let record = handle.record();
     let policy = &record.effective_task().restart;
     let history: Vec<u64> = record.restarts.iter().map(|r| r.at_ms).collect();
@@ -395,7 +342,7 @@ fn ended(
     }
 }
 
-/// Ends the task: records how, then cleans up what the VM left.
+/// Ends the task: records how, then gives back what the VM held.
 pub(super) fn finish(
     agent: &Agent,
     handle: &TaskHandle,
@@ -413,27 +360,15 @@ pub(super) fn finish(
         });
     });
     let record = handle.record();
-    isolation::remove_cgroups(&record.cgroups);
-    let dir = TaskDir { root: record.dir };
-    for leftover in [
-        dir.overlay(),
-        dir.qmp_socket(),
-        agent.exit_record_path(&handle.id),
-    ] {
-        let _ = std::fs::remove_file(leftover);
+    let mut checksums = vec![record.submitted.checksum.clone()];
+    if let Some(task) = &record.task {
+        checksums.push(task.checksum.clone());
     }
-    if let Err(e) = agent
-        .runner
-        .cache
-        .release_lease(&record.submitted.checksum, &handle.id)
-        .and_then(|_| match &record.task {
-            Some(t) if t.checksum != record.submitted.checksum => {
-                agent.runner.cache.release_lease(&t.checksum, &handle.id)
-            }
-            _ => Ok(false),
-        })
-    {
-        tracing::warn!(task = %handle.id, error = %crate::error_chain(&e), "cannot release the image lease");
-    }
+    agent.pipeline.release(&Holdings {
+        dir: TaskDir { root: record.dir },
+        checksums,
+        cgroups: record.cgroups,
+        exit_record: Some(agent.exit_record_path(&handle.id)),
+    });
     Next::Done
 }

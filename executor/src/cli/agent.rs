@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use qemu_executor::agent::{Agent, AgentSettings, Isolation, server};
+use qemu_executor::agent::{Agent, server};
 use qemu_executor::fetch::Fetcher;
-use qemu_executor::runner::Runner;
+use qemu_executor::host::isolation::Isolation;
+use qemu_executor::launch::{Detached, LiveSeam, Pipeline};
 use tokio_util::sync::CancellationToken;
 
 use super::GlobalOpts;
@@ -44,22 +45,22 @@ pub async fn run(args: AgentArgs, global: &GlobalOpts) -> anyhow::Result<ExitCod
     let cache = qemu_executor::cache::Cache::open(&std::path::absolute(global.cache_dir())?)?;
     let isolation = Isolation::detect(&config.agent, config.qemu.sandbox)?;
     let chain = super::load_chain(global, &config, Vec::new()).await?;
-    let runner = Runner {
-        fetcher: Fetcher::new(config.fetch.clone())?,
-        cache,
-        state_dir: state_dir.clone(),
-        chain,
-        probe: super::probe(global, &config),
+    let pipeline = Pipeline {
+        seam: LiveSeam {
+            probe: super::probe(global, &config),
+            chain,
+            fetcher: Fetcher::new(config.fetch.clone())?,
+            cache,
+        },
+        state_dir,
         // The agent starts qemu under shims that outlive it.
-        die_with_parent: false,
+        detached: Some(Detached {
+            exe: std::env::current_exe()?,
+            isolation,
+        }),
         config,
     };
-    let agent = Agent::open(AgentSettings {
-        state_dir,
-        runner,
-        exe: std::env::current_exe()?,
-        isolation,
-    })?;
+    let agent = Agent::open(pipeline)?;
     let socket = args
         .socket
         .unwrap_or_else(qemu_executor::dirs::default_socket);

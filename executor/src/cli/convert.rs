@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use qemu_executor::jobfile;
-use qemu_executor::runner::exit;
+use qemu_executor::launch::Exit;
 
 use super::GlobalOpts;
 
@@ -29,7 +29,7 @@ pub async fn run(args: ConvertArgs, _global: &GlobalOpts) -> anyhow::Result<Exit
         Ok(loaded) => loaded,
         Err(e) => {
             super::print_error(&e);
-            return Ok(ExitCode::from(exit::INVALID));
+            return Ok(Exit::INVALID.into());
         }
     };
     for w in &loaded.warnings {

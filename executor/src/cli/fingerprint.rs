@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use qemu_executor::fingerprint::Probe;
-use qemu_executor::verdict;
+use qemu_executor::host::probe::Probe;
+use qemu_executor::host::verdict;
 
 use super::GlobalOpts;
 

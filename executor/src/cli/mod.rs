@@ -34,9 +34,6 @@ macro_rules! say {
 }
 pub(crate) use say;
 
-/// Exit code for errors that no verb maps more precisely.
-pub const EXIT_ERROR: u8 = 1;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "qemu-executor",
@@ -190,8 +187,8 @@ pub fn load_config(global: &GlobalOpts) -> anyhow::Result<qemu_executor::config:
 pub fn probe(
     global: &GlobalOpts,
     config: &qemu_executor::config::Config,
-) -> qemu_executor::fingerprint::Probe {
-    let mut probe = qemu_executor::fingerprint::Probe::new(global.state_dir());
+) -> qemu_executor::host::probe::Probe {
+    let mut probe = qemu_executor::host::probe::Probe::new(global.state_dir());
     if let Some(binary) = &config.qemu.binary {
         probe.qemu_binary = Some(binary.clone());
     }

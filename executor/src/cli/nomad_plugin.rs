@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Args;
+use qemu_executor::launch::Exit;
 use qemu_executor::nomad::{self, Defaults, NomadError};
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +17,7 @@ pub struct NomadPluginArgs {}
 pub async fn run(_args: NomadPluginArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
     if !nomad::started_by_nomad() {
         eprintln!("{}", NomadError::NotUnderNomad);
-        return Ok(ExitCode::from(super::EXIT_ERROR));
+        return Ok(Exit::ERROR.into());
     }
     // go-plugin's plugins ignore SIGINT: a Ctrl-C in the agent's terminal
     // is for the agent, which stops its plugins itself.

@@ -2,16 +2,19 @@
 //!
 //! Prints what a person at the terminal needs on stdout (the policy diff,
 //! the accelerator, one `ready:` line per port, how the VM ended); the step
-//! by step log goes to stderr.
+//! by step log goes to stderr. The exit code says how it ended.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use policy_sdk::Task;
 use qemu_executor::fetch::Fetcher;
-use qemu_executor::launcher::LaunchEvent;
+use qemu_executor::launch::{
+    self, Event, Exit, Holdings, LaunchError, LiveSeam, Pipeline, Placement,
+};
 use qemu_executor::policy::{ChainOutcome, PolicySpec};
-use qemu_executor::runner::{RunEvent, Runner, exit};
+use qemu_executor::vm::{Ending, StopSignal};
 use tokio_util::sync::CancellationToken;
 
 use super::{GlobalOpts, say};
@@ -35,7 +38,7 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
         Ok(task) => task,
         Err(e) => {
             super::print_error(&e);
-            return Ok(ExitCode::from(exit::INVALID));
+            return Ok(Exit::INVALID.into());
         }
     };
     // The operator's configuration and policies are input too: a bad file,
@@ -43,7 +46,7 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
     // loading exits 3, as a policy failing on the task would.
     let config = match super::load_config(global) {
         Ok(config) => config,
-        Err(e) => return Ok(report(&e, exit::INVALID)),
+        Err(e) => return Ok(report(&e, Exit::INVALID)),
     };
     let extra: Vec<PolicySpec> = args
         .policies
@@ -56,18 +59,20 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
             let fault = e
                 .downcast_ref::<qemu_executor::policy::PolicyError>()
                 .is_some_and(|p| p.is_fault());
-            let code = if fault { exit::REJECTED } else { exit::INVALID };
+            let code = if fault { Exit::REJECTED } else { Exit::INVALID };
             return Ok(report(&e, code));
         }
     };
-    let probe = super::probe(global, &config);
-    let runner = Runner {
-        fetcher: Fetcher::new(config.fetch.clone())?,
-        cache: super::open_cache(global)?,
+    let pipeline = Pipeline {
+        seam: LiveSeam {
+            probe: super::probe(global, &config),
+            chain,
+            fetcher: Fetcher::new(config.fetch.clone())?,
+            cache: super::open_cache(global)?,
+        },
         state_dir: global.state_dir(),
-        chain,
-        probe,
-        die_with_parent: true,
+        // qemu is our child and dies with us.
+        detached: None,
         config,
     };
 
@@ -79,34 +84,63 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
         on_signal.cancel();
     });
 
-    let name = task.name.clone();
-    match runner
-        .run(task, &cancel, |event| print_event(&name, event))
-        .await
-    {
+    match run_task(&pipeline, task, &StopSignal::from_token(cancel)).await {
         Ok(ending) => {
             say!("ended: {ending}");
-            Ok(ExitCode::from(ending.exit_code()))
+            Ok(ending.exit().into())
         }
         Err(e) => {
             super::print_error(&e);
-            Ok(ExitCode::from(e.exit_code()))
+            Ok(e.exit().into())
         }
     }
 }
 
-fn print_event(task: &str, event: RunEvent<'_>) {
+/// Every step of the pipeline in turn, printing as it goes; what the VM
+/// held is given back however it ended.
+async fn run_task(
+    pipeline: &Pipeline,
+    task: Task,
+    stop: &StopSignal,
+) -> Result<Ending, LaunchError> {
+    let name = task.name.clone();
+    let mut on_event = |event: Event<'_>| print_event(&name, event);
+    let admitted = pipeline.admit(task, &mut on_event).await?;
+    let plan = pipeline.plan(&admitted, &mut on_event).await?;
+    let dir = launch::task_dir(&pipeline.state_dir, &admitted.task.name)?;
+    say!("task dir: {}", dir.root.display());
+    let placement = Placement {
+        dir,
+        exit_record: None,
+        forwards: Vec::new(),
+    };
+    let checksum = admitted.task.checksum.clone();
+    let prepared = pipeline
+        .prepare(admitted, plan, &placement, stop, None, &mut on_event)
+        .await?;
+    let ended = pipeline
+        .launch(&prepared, &placement, stop, &mut on_event)
+        .await;
+    pipeline.release(&Holdings {
+        dir: placement.dir.clone(),
+        checksums: vec![checksum],
+        cgroups: Vec::new(),
+        exit_record: None,
+    });
+    ended
+}
+
+fn print_event(task: &str, event: Event<'_>) {
     match event {
-        RunEvent::Facts(facts) => {
+        Event::Facts(facts) => {
             tracing::info!(task, kvm = %facts.kvm, qemu = facts.qemu_version.as_deref().unwrap_or("none"), "host facts");
         }
-        RunEvent::Policies(outcome) => print_policies(outcome),
-        RunEvent::Accelerator { chosen, reason } => match reason {
+        Event::Policies(outcome) => print_policies(outcome),
+        Event::Accelerator { chosen, reason, .. } => match reason {
             Some(reason) => say!("accelerator: {chosen} ({reason})"),
             None => say!("accelerator: {chosen}"),
         },
-        RunEvent::TaskDir(dir) => say!("task dir: {}", dir.root.display()),
-        RunEvent::Image(fetched) => {
+        Event::Image(fetched) => {
             let how = if fetched.cache_hit {
                 "cached"
             } else {
@@ -118,7 +152,23 @@ fn print_event(task: &str, event: RunEvent<'_>) {
                 fetched.size
             );
         }
-        RunEvent::Launch(event) => print_launch(event),
+        // `run` confines nothing beyond qemu's own sandbox.
+        Event::Confined { .. } => {}
+        Event::Started {
+            pid, accelerator, ..
+        } => say!("started: qemu pid {pid} under {accelerator}"),
+        Event::PortReady(port) => say!(
+            "ready: {} {}:{} -> guest {}",
+            port.protocol,
+            port.host_ip,
+            port.host,
+            port.guest
+        ),
+        Event::Ready { after } => say!("ready after {:.1}s", after.as_secs_f64()),
+        Event::KvmFallback { reason } => {
+            say!("kvm failed ({reason}); relaunching under tcg");
+        }
+        Event::Stopping => say!("stopping"),
     }
 }
 
@@ -138,29 +188,7 @@ fn print_policies(outcome: &ChainOutcome) {
     }
 }
 
-fn print_launch(event: LaunchEvent<'_>) {
-    match event {
-        LaunchEvent::Started {
-            pid, accelerator, ..
-        } => {
-            say!("started: qemu pid {pid} under {accelerator}");
-        }
-        LaunchEvent::PortReady(port) => say!(
-            "ready: {} {}:{} -> guest {}",
-            port.protocol,
-            port.host_ip,
-            port.host,
-            port.guest
-        ),
-        LaunchEvent::Ready { after } => say!("ready after {:.1}s", after.as_secs_f64()),
-        LaunchEvent::KvmFallback { reason } => {
-            say!("kvm failed ({reason}); relaunching under tcg");
-        }
-        LaunchEvent::Stopping => say!("stopping"),
-    }
-}
-
-fn report(err: &anyhow::Error, code: u8) -> ExitCode {
+fn report(err: &anyhow::Error, code: Exit) -> ExitCode {
     super::print_error(err.as_ref());
-    ExitCode::from(code)
+    code.into()
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use http::Method;
-use qemu_executor::runner::exit;
+use qemu_executor::launch::Exit;
 
 use super::client::SocketArg;
 
@@ -28,7 +28,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         Ok(task) => task,
         Err(e) => {
             super::print_error(&e);
-            return Ok(ExitCode::from(exit::INVALID));
+            return Ok(Exit::INVALID.into());
         }
     };
     let body = serde_json::to_vec(&task)?;

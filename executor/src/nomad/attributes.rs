@@ -17,7 +17,7 @@ pub fn fingerprint(facts: &HostFacts, policies: usize) -> FingerprintResponse {
             health: HealthState::Undetected as i32,
             health_description: format!(
                 "{} was not found (set [qemu] binary in the executor config, or install it)",
-                crate::fingerprint::QEMU_BINARY
+                crate::host::probe::QEMU_BINARY
             ),
             err: String::new(),
         };

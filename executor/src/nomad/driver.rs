@@ -16,7 +16,7 @@ use nomad_proto::plugin::{self as goplugin, grpc_controller_server::GrpcControll
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::plugin_config::{Host, PluginConfig};
+use super::plugin_config::{Configured, PluginConfig};
 use super::{Plugin, attributes, events, recover, schema, start};
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -57,16 +57,16 @@ impl base::base_plugin_server::BasePlugin for Service {
         let request = request.into_inner();
         let invalid = |e: &dyn std::error::Error| Status::invalid_argument(crate::error_chain(e));
         let config = PluginConfig::decode(&request.msgpack_config).map_err(|e| invalid(&e))?;
-        let host = Host::build(&config, &self.0.defaults)
+        let configured = Configured::build(&config, &self.0.defaults)
             .await
             .map_err(|e| invalid(&e))?;
         tracing::info!(
-            policies = host.runner.chain.len(),
-            state_dir = %host.runner.state_dir.display(),
-            cache_dir = %host.runner.cache.root().display(),
+            policies = configured.pipeline.seam.chain.len(),
+            state_dir = %configured.pipeline.state_dir.display(),
+            cache_dir = %configured.pipeline.seam.cache.root().display(),
             "configured"
         );
-        self.0.configure(host);
+        self.0.configure(configured);
         Ok(Response::new(SetConfigResponse {}))
     }
 }
@@ -128,11 +128,11 @@ impl Driver for Service {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             loop {
-                let (facts, policies, period) = match plugin.host() {
-                    Ok(host) => (
-                        host.runner.probe.host_facts().await,
-                        host.runner.chain.len(),
-                        host.fingerprint_period,
+                let (facts, policies, period) = match plugin.configured() {
+                    Ok(configured) => (
+                        configured.pipeline.seam.probe.host_facts().await,
+                        configured.pipeline.seam.chain.len(),
+                        configured.fingerprint_period,
                     ),
                     Err(_) => (
                         plugin.default_probe().host_facts().await,
@@ -243,9 +243,9 @@ impl Driver for Service {
             }
             task.kill().await?;
         }
-        let host = self.0.host()?;
+        let configured = self.0.configured()?;
         self.0.tasks.remove(&request.task_id);
-        task.remove_files(&host);
+        task.remove_files(&configured);
         Ok(Response::new(pb::DestroyTaskResponse {}))
     }
 

@@ -32,7 +32,7 @@ use nomad_proto::handshake::{
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-pub use plugin_config::{Defaults, Host, PluginConfig};
+pub use plugin_config::{Configured, Defaults, PluginConfig};
 
 /// The name jobs use: `driver = "qemu-executor"`. It differs from Nomad's
 /// built-in `qemu` on purpose: both can be installed side by side, and a
@@ -80,7 +80,7 @@ pub fn handshake_line(socket: &std::path::Path) -> String {
 /// What the services share.
 pub struct Plugin {
     pub defaults: Defaults,
-    host: RwLock<Option<Arc<Host>>>,
+    configured: RwLock<Option<Arc<Configured>>>,
     tasks: tasks::Tasks,
     events: events::Events,
     pub shutdown: CancellationToken,
@@ -90,7 +90,7 @@ impl Plugin {
     pub fn new(defaults: Defaults, shutdown: CancellationToken) -> Plugin {
         Plugin {
             defaults,
-            host: RwLock::new(None),
+            configured: RwLock::new(None),
             tasks: tasks::Tasks::default(),
             events: events::Events::default(),
             shutdown,
@@ -99,21 +99,21 @@ impl Plugin {
 
     /// The configuration Nomad set last. Nomad always calls SetConfig
     /// before it uses a driver.
-    fn host(&self) -> Result<Arc<Host>, Status> {
-        self.host
+    fn configured(&self) -> Result<Arc<Configured>, Status> {
+        self.configured
             .read()
-            .expect("host poisoned")
+            .expect("config poisoned")
             .clone()
             .ok_or_else(|| Status::failed_precondition("The plugin has no config yet (SetConfig)"))
     }
 
-    fn configure(&self, host: Host) {
-        *self.host.write().expect("host poisoned") = Some(Arc::new(host));
+    fn configure(&self, configured: Configured) {
+        *self.configured.write().expect("config poisoned") = Some(Arc::new(configured));
     }
 
     /// A probe for fingerprints before the first SetConfig.
-    fn default_probe(&self) -> crate::fingerprint::Probe {
-        crate::fingerprint::Probe::new(self.defaults.state_dir.clone())
+    fn default_probe(&self) -> crate::host::probe::Probe {
+        crate::host::probe::Probe::new(self.defaults.state_dir.clone())
     }
 }
 

@@ -15,7 +15,7 @@
 //! }
 //! ```
 //!
-//! and what it builds: the same runner `run` and `agent` use, with the
+//! and what it builds: the launch pipeline `run` and `agent` use, with the
 //! agent's confinement of VMs.
 
 use std::path::PathBuf;
@@ -24,12 +24,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::cty::{self, CtyError, Whole};
-use crate::agent::Isolation;
 use crate::config::Config;
 use crate::fetch::Fetcher;
+use crate::host::isolation::Isolation;
+use crate::host::probe::Probe;
+use crate::launch::{Detached, LiveSeam, Pipeline};
 use crate::policy::config::{LimitsConfig, PolicyConfig, SettingsValue};
 use crate::policy::{Chain, PolicyEngine, artifact_dir};
-use crate::runner::Runner;
 
 /// How often Fingerprint reports when the config does not say.
 pub const DEFAULT_FINGERPRINT_PERIOD: Duration = Duration::from_secs(30);
@@ -50,7 +51,7 @@ pub enum PluginConfigError {
     #[error("Cannot load the policy chain")]
     Policy(#[from] crate::policy::PolicyError),
     #[error("Cannot prepare the VMs' confinement")]
-    Isolation(#[from] crate::agent::isolation::IsolationError),
+    Isolation(#[from] crate::host::isolation::IsolationError),
     #[error("Cannot find the qemu-executor binary for the VMs' shims")]
     Exe(#[source] std::io::Error),
     #[error("Loading the policies failed")]
@@ -201,21 +202,19 @@ impl PluginConfig {
 }
 
 /// What the plugin runs tasks with, built from its config.
-pub struct Host {
-    pub runner: Runner,
-    pub isolation: Isolation,
-    /// This binary, which the VMs' shims run.
-    pub exe: PathBuf,
+pub struct Configured {
+    /// Its VMs are detached: they outlive the plugin.
+    pub pipeline: Pipeline,
     pub fingerprint_period: Duration,
 }
 
-impl Host {
+impl Configured {
     /// Builds everything a task needs; policies are compiled (or read back
     /// from the cache) on a blocking thread.
     pub async fn build(
         config: &PluginConfig,
         defaults: &Defaults,
-    ) -> Result<Host, PluginConfigError> {
+    ) -> Result<Configured, PluginConfigError> {
         let executor = config.executor_config(defaults)?;
         let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
         let state_dir = absolute(config.state_dir(defaults));
@@ -227,24 +226,26 @@ impl Host {
             .await
             .map_err(PluginConfigError::Blocking)??;
         let isolation = Isolation::detect(&executor.agent, executor.qemu.sandbox)?;
-        let mut probe = crate::fingerprint::Probe::new(state_dir.clone());
+        let mut probe = Probe::new(state_dir.clone());
         if let Some(binary) = &executor.qemu.binary {
             probe.qemu_binary = Some(binary.clone());
         }
-        let runner = Runner {
-            fetcher: Fetcher::new(executor.fetch.clone())?,
-            cache,
+        let pipeline = Pipeline {
+            seam: LiveSeam {
+                probe,
+                chain,
+                fetcher: Fetcher::new(executor.fetch.clone())?,
+                cache,
+            },
             state_dir,
-            chain,
-            probe,
-            // VMs run under shims that outlive the plugin.
-            die_with_parent: false,
+            detached: Some(Detached {
+                exe: std::env::current_exe().map_err(PluginConfigError::Exe)?,
+                isolation,
+            }),
             config: executor,
         };
-        Ok(Host {
-            runner,
-            isolation,
-            exe: std::env::current_exe().map_err(PluginConfigError::Exe)?,
+        Ok(Configured {
+            pipeline,
             fingerprint_period: config.fingerprint_period(),
         })
     }

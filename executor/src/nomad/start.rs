@@ -1,8 +1,7 @@
-//! `StartTask`: from Nomad's task config to a VM under its shim. The steps
-//! are `run`'s (policies, args allowlist, accelerator, fetch, launch), with
-//! each one's outcome as a task event, and every failure as the gRPC status
-//! Nomad's restart logic expects. It returns once qemu runs; the
-//! supervision carries on in a task of its own.
+//! `StartTask`: from Nomad's task config to a VM under its shim, through
+//! the launch pipeline, with each step's outcome as a task event and every
+//! failure as the gRPC status Nomad's restart logic expects. It returns
+//! once qemu runs; the supervision carries on in a task of its own.
 
 use std::sync::Arc;
 
@@ -11,17 +10,16 @@ use tonic::Status;
 
 use super::Plugin;
 use super::events::{Events, Subject};
-use super::plugin_config::Host;
+use super::plugin_config::Configured;
 use super::state::{self, DriverState, HANDLE_VERSION};
 use super::status;
 use super::task_config::{self, AllocatedPort, Allocation, NomadTaskConfig};
 use super::tasks::{self, NomadTask};
-use crate::fetch::FetchError;
-use crate::launcher::{self, Prepared};
-use crate::policy::ChainOutcome;
+use crate::launch::{Event, Kind, Placement, Prepared};
+use crate::vm::{StopSignal, TaskDir};
 
 pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, Status> {
-    let host = plugin.host()?;
+    let configured = plugin.configured()?;
     if config.id.is_empty() {
         return Err(Status::invalid_argument("The task has no id"));
     }
@@ -36,6 +34,67 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
         alloc_id: config.alloc_id.clone(),
         task_name: config.name.clone(),
     };
+    let task = task_of(&config).await?;
+    let pipeline = &configured.pipeline;
+    let mut on_event = |event: Event<'_>| early_event(&plugin.events, &subject, event);
+    let admitted = pipeline
+        .admit(task, &mut on_event)
+        .await
+        .map_err(|e| status::of_launch(&e))?;
+    let plan = pipeline
+        .plan(&admitted, &mut on_event)
+        .await
+        .map_err(|e| status::of_launch(&e))?;
+    let dir = crate::launch::task_dir(&pipeline.state_dir, &admitted.task.name)
+        .map_err(|e| status::of_launch(&e))?;
+    let placement = tasks::placement(&configured, &config, &dir);
+    // Nomad stopping its plugins stops a download: it will start the task
+    // again on the next one.
+    let shutdown = StopSignal::from_token(plugin.shutdown.child_token());
+    let progress = fetch_progress(&plugin.events, &subject);
+    let prepared = pipeline
+        .prepare(
+            admitted,
+            plan,
+            &placement,
+            &shutdown,
+            Some(progress),
+            &mut on_event,
+        )
+        .await;
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            if matches!(e.kind(), Kind::Fetch { .. }) {
+                plugin
+                    .events
+                    .emit(&subject, "fetch", crate::error_chain(&e), &[]);
+            }
+            return Err(forget(&configured, &dir, status::of_launch(&e)));
+        }
+    };
+    let state = tasks::initial_state(&config.id, &dir, &prepared);
+    let task = Arc::new(NomadTask::new(config.clone(), state));
+    if let Err(status) = launch(plugin, &configured, &task, prepared, placement).await {
+        // What a task that never ran leaves: nothing.
+        task.release(&configured);
+        return Err(forget(&configured, &dir, status));
+    }
+    let state = task.state();
+    plugin.tasks.insert(task);
+    Ok(handle(&config, &state))
+}
+
+/// Removes the directory of a task that never ran, and what the plugin
+/// kept for it.
+fn forget(configured: &Configured, dir: &TaskDir, status: Status) -> Status {
+    let _ = std::fs::remove_dir_all(&dir.root);
+    state::forget(&configured.pipeline.state_dir, &dir.key());
+    status
+}
+
+/// Nomad's task config, checked, as our task.
+async fn task_of(config: &TaskConfig) -> Result<policy_sdk::Task, Status> {
     let invalid = |e: &dyn std::error::Error| Status::invalid_argument(crate::error_chain(e));
     let mut nomad =
         NomadTaskConfig::decode(&config.msgpack_driver_config).map_err(|e| invalid(&e))?;
@@ -52,7 +111,7 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
             })?;
         nomad.checksum = Some(format!("md5:{digest}"));
     }
-    let ports = allocated_ports(&config);
+    let ports = allocated_ports(config);
     let resources = config.resources.as_ref();
     let linux = resources.and_then(|r| r.linux_resources.as_ref());
     let memory_mb = resources
@@ -66,122 +125,40 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
         cpuset_cpus: linux.map_or("", |l| l.cpuset_cpus.as_str()),
         ports: &ports,
     };
-    let task = task_config::to_task(nomad, &alloc).map_err(|e| invalid(&e))?;
+    task_config::to_task(nomad, &alloc).map_err(|e| invalid(&e))
+}
 
-    let runner = &host.runner;
-    let facts = runner.probe.host_facts().await;
-    let outcome = runner.chain.evaluate(task, &facts).await;
-    plugin.events.policies(&subject, &outcome);
-    let task = match outcome {
-        ChainOutcome::Accepted { task, .. } => task,
-        rejected @ ChainOutcome::Rejected { .. } => {
-            return Err(Status::permission_denied(rejected.to_string()));
-        }
-    };
-    let extra_args = runner
-        .config
-        .args
-        .check(&task.args)
-        .map_err(|e| invalid(&e))?;
-    let (accelerator, why) = launcher::choose_accelerator(&task, &facts)
-        .map_err(|e| Status::failed_precondition(crate::error_chain(&e)))?;
-    plugin.events.emit(
-        &subject,
-        "accelerator",
-        match &why {
-            Some(why) => format!("Accelerator {accelerator}: {why}"),
-            None => format!("Accelerator {accelerator}, as asked"),
-        },
-        &[
-            ("requested", task.accelerator.to_string()),
-            ("used", accelerator.to_string()),
-        ],
-    );
-    let qemu = runner
-        .probe
-        .qemu()
-        .await
-        .map_err(|e| Status::failed_precondition(crate::error_chain(&e)))?;
-
-    let dir = launcher::create_task_dir(&runner.state_dir, &task.name)
-        .map_err(|e| Status::internal(crate::error_chain(&e)))?;
-    let key = state::key_of(&dir.root);
-    // From here on a failure removes the directory: nothing is left
-    // behind for a task that never ran.
-    let fail = |status: Status| {
-        let _ = std::fs::remove_dir_all(&dir.root);
-        state::forget(&runner.state_dir, &key);
-        status
-    };
-    if let Err(e) = std::fs::write(
-        dir.root.join("task.json"),
-        serde_json::to_string_pretty(&task).expect("a task serializes"),
-    ) {
-        return Err(fail(Status::internal(format!(
-            "Cannot write task.json: {e}"
-        ))));
-    }
-
-    let fetched = tokio::select! {
-        fetched = fetch(&host, &plugin.events, &subject, &task, &key) => fetched,
-        // Nomad is stopping its plugins: it will start the task again on
-        // the next one.
-        _ = plugin.shutdown.cancelled() => Err(shutting_down()),
-    };
-    let fetched = match fetched {
-        Ok(f) => f,
-        Err(status) => return Err(fail(status)),
-    };
-
-    let cgroups = host
-        .isolation
-        .cgroups_for(&key, task.memory_mb, task.cpus)
-        .paths;
-    let state = tasks::initial_state(&config.id, &dir, &task, accelerator, cgroups);
-    let nomad_task = Arc::new(NomadTask::new(config.clone(), state));
-    // What a task that never ran leaves: nothing.
-    let abandon = |status: Status| {
-        nomad_task.release(&host);
-        fail(status)
-    };
-    if let Err(e) = host
-        .isolation
-        .hand_over(&dir.root, &[dir.serial_log(), dir.qemu_log()])
-    {
-        return Err(abandon(Status::internal(crate::error_chain(&e))));
-    }
-
+/// Starts the prepared VM; the supervision carries on in a task of its own
+/// once qemu runs. An error says why it never ran.
+async fn launch(
+    plugin: &Plugin,
+    configured: &Arc<Configured>,
+    nomad_task: &Arc<NomadTask>,
+    prepared: Prepared,
+    placement: Placement,
+) -> Result<(), Status> {
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let supervision = {
-        let host = host.clone();
+        let configured = configured.clone();
         let events = plugin.events.clone();
         let nomad_task = nomad_task.clone();
-        let image = fetched.path.clone();
         tokio::spawn(async move {
-            let settings =
-                tasks::host_settings(&host, &nomad_task.config, &nomad_task.state(), Some(&qemu));
-            let prepared = Prepared {
-                task: &task,
-                accelerator,
-                image: &image,
-                extra_args: &extra_args,
-                dir: &nomad_task.dir,
-            };
             let mut started = Some(started_tx);
-            let outcome = launcher::launch(&settings, prepared, &nomad_task.stop, |event| {
-                let is_start = matches!(event, crate::launcher::LaunchEvent::Started { .. });
-                tasks::on_launch_event(&host, &events, &nomad_task, event);
-                if is_start && let Some(tx) = started.take() {
-                    let _ = tx.send(());
-                }
-            })
-            .await
-            .map_err(|e| crate::error_chain(&e));
+            let outcome = configured
+                .pipeline
+                .launch(&prepared, &placement, &nomad_task.stop, &mut |event| {
+                    let is_start = matches!(event, Event::Started { .. });
+                    tasks::on_event(&configured, &events, &nomad_task, event);
+                    if is_start && let Some(tx) = started.take() {
+                        let _ = tx.send(());
+                    }
+                })
+                .await;
             if started.is_some() {
                 // Never started: StartTask reports it.
                 return outcome.err();
             }
-            nomad_task.finish(&host, &events, tasks::end_of(outcome));
+            nomad_task.finish(&configured, &events, tasks::end_of(outcome));
             None
         })
     };
@@ -201,85 +178,40 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
             );
         }
         let _ = supervision.await;
-        return Err(abandon(shutting_down()));
+        return Err(shutting_down());
     }
-    if !started {
-        // The launch failed before qemu ran: say why, leave nothing.
-        let why = match supervision.await {
-            Ok(Some(why)) => why,
-            Ok(None) => "the launch ended before qemu started".into(),
-            Err(e) => e.to_string(),
-        };
-        return Err(abandon(status::recoverable(format!(
-            "Cannot launch qemu: {why}"
-        ))));
+    if started {
+        return Ok(());
     }
-    let state = nomad_task.state();
-    plugin.tasks.insert(nomad_task);
-    Ok(handle(&config, &state))
+    Err(match supervision.await {
+        Ok(Some(e)) => status::of_launch(&e),
+        Ok(None) => status::recoverable("The launch ended before qemu started"),
+        Err(e) => Status::internal(e.to_string()),
+    })
 }
 
-fn shutting_down() -> Status {
-    Status::unavailable("The plugin is shutting down; start the task on the next one")
-}
-
-/// The handle Nomad keeps and hands back on `RecoverTask`.
-pub fn handle(config: &TaskConfig, state: &DriverState) -> TaskHandle {
-    TaskHandle {
-        version: HANDLE_VERSION,
-        config: Some(config.clone()),
-        state: TaskState::Running as i32,
-        driver_state: state.encode(),
-    }
-}
-
-/// Fetches the task's image into the cache, leased to the task, with its
-/// progress as events.
-async fn fetch(
-    host: &Host,
-    events: &Events,
-    subject: &Subject,
-    task: &policy_sdk::Task,
-    key: &str,
-) -> Result<crate::fetch::Fetched, Status> {
-    let runner = &host.runner;
-    let observer: crate::fetch::ProgressObserver = {
-        let events = events.clone();
-        let subject = subject.clone();
-        Arc::new(move |bytes: u64, total: Option<u64>| {
-            let message = match total {
-                Some(t) if t > 0 => format!(
-                    "Downloading the image: {} of {} ({}%)",
-                    crate::units::format_size(bytes),
-                    crate::units::format_size(t),
-                    bytes * 100 / t
-                ),
-                _ => format!(
-                    "Downloading the image: {}",
-                    crate::units::format_size(bytes)
-                ),
-            };
-            let mut annotations = vec![("bytes", bytes.to_string())];
-            if let Some(t) = total {
-                annotations.push(("total", t.to_string()));
-            }
-            events.emit(&subject, "fetch", message, &annotations);
-        })
-    };
-    let fetched = runner
-        .fetcher
-        .observed(observer)
-        .fetch_leased(
-            &runner.cache,
-            &task.image_source,
-            &task.checksum,
-            key,
-            std::process::id(),
-        )
-        .await;
-    match fetched {
-        Ok((fetched, _lease)) => {
-            // The lease stays on disk until the task ends (`finish`).
+/// The events of the steps before the VM runs: each policy's decision and
+/// the accelerator, and the image once it is in the cache.
+fn early_event(events: &Events, subject: &Subject, event: Event<'_>) {
+    match event {
+        Event::Policies(outcome) => events.policies(subject, outcome),
+        Event::Accelerator {
+            requested,
+            chosen,
+            reason,
+        } => events.emit(
+            subject,
+            "accelerator",
+            match reason {
+                Some(why) => format!("Accelerator {chosen}: {why}"),
+                None => format!("Accelerator {chosen}, as asked"),
+            },
+            &[
+                ("requested", requested.to_string()),
+                ("used", chosen.to_string()),
+            ],
+        ),
+        Event::Image(fetched) => {
             let message = if fetched.cache_hit {
                 format!(
                     "Image found in the cache ({})",
@@ -300,28 +232,48 @@ async fn fetch(
                     ("cache_hit", fetched.cache_hit.to_string()),
                 ],
             );
-            Ok(fetched)
         }
-        Err(e) => {
-            let message = format!("Cannot fetch the image: {}", crate::error_chain(&e));
-            events.emit(subject, "fetch", message.clone(), &[]);
-            Err(fetch_status(&e, message))
-        }
+        _ => {}
     }
 }
 
-/// What a retry may fix is recoverable; a wrong checksum or a refused
-/// source is not.
-fn fetch_status(e: &FetchError, message: String) -> Status {
-    let retryable = match e {
-        FetchError::Exhausted { source, .. } => source.is_retryable(),
-        other => other.is_retryable(),
-    };
-    if retryable {
-        status::recoverable(message)
-    } else {
-        Status::invalid_argument(message)
+fn shutting_down() -> Status {
+    status::of_launch(&crate::launch::LaunchError::Interrupted)
+}
+
+/// The handle Nomad keeps and hands back on `RecoverTask`.
+pub fn handle(config: &TaskConfig, state: &DriverState) -> TaskHandle {
+    TaskHandle {
+        version: HANDLE_VERSION,
+        config: Some(config.clone()),
+        state: TaskState::Running as i32,
+        driver_state: state.encode(),
     }
+}
+
+/// The download's progress as task events.
+fn fetch_progress(events: &Events, subject: &Subject) -> crate::fetch::ProgressObserver {
+    let events = events.clone();
+    let subject = subject.clone();
+    Arc::new(move |bytes: u64, total: Option<u64>| {
+        let message = match total {
+            Some(t) if t > 0 => format!(
+                "Downloading the image: {} of {} ({}%)",
+                crate::units::format_size(bytes),
+                crate::units::format_size(t),
+                bytes * 100 / t
+            ),
+            _ => format!(
+                "Downloading the image: {}",
+                crate::units::format_size(bytes)
+            ),
+        };
+        let mut annotations = vec![("bytes", bytes.to_string())];
+        if let Some(t) = total {
+            annotations.push(("total", t.to_string()));
+        }
+        events.emit(&subject, "fetch", message, &annotations);
+    })
 }
 
 /// The group network's ports as Nomad allocated them.

@@ -8,7 +8,7 @@ use nomad_proto::driver::{
 };
 
 use super::events::timestamp;
-use crate::agent::usage::{self, Usage};
+use crate::host::usage::{self, Usage};
 
 /// Turns successive readings of one process into samples: CPU percent is
 /// the CPU time used since the previous reading over the time passed.

@@ -6,6 +6,8 @@
 use prost::Message as _;
 use tonic::{Code, Status};
 
+use crate::launch::{Kind, LaunchError};
+
 /// The message Nomad's own drivers use for an unknown task id.
 pub const TASK_NOT_FOUND: &str = "task not found for given id";
 
@@ -40,6 +42,22 @@ pub fn recoverable(message: impl Into<String>) -> Status {
     )
 }
 
+/// The status of a launch that failed, from its kind: what Nomad's
+/// restart logic may retry is recoverable.
+pub fn of_launch(e: &LaunchError) -> Status {
+    let message = crate::error_chain(e);
+    match e.kind() {
+        Kind::Invalid | Kind::Fetch { retryable: false } => Status::invalid_argument(message),
+        Kind::Rejected => Status::permission_denied(message),
+        Kind::Unavailable => Status::failed_precondition(message),
+        Kind::Fetch { retryable: true } | Kind::Qemu => recoverable(message),
+        Kind::Interrupted => {
+            Status::unavailable("The plugin is shutting down; start the task on the next one")
+        }
+        Kind::Internal => Status::internal(message),
+    }
+}
+
 pub fn not_found() -> Status {
     Status::not_found(TASK_NOT_FOUND)
 }
@@ -68,5 +86,35 @@ mod tests {
         assert!(is_recoverable(&s));
         assert!(!is_recoverable(&Status::invalid_argument("bad checksum")));
         assert_eq!(not_found().message(), TASK_NOT_FOUND);
+    }
+
+    #[test]
+    fn launch_failures_map_by_kind_and_say_each_cause_once() {
+        let spawn = LaunchError::Start(crate::vm::SuperviseError::Process(
+            crate::qemu::process::ProcessError::Spawn {
+                binary: "/usr/bin/qemu-system-x86_64".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+        ));
+        let status = of_launch(&spawn);
+        assert!(is_recoverable(&status));
+        assert_eq!(
+            status.message().matches("Cannot launch qemu").count(),
+            1,
+            "{status:?}"
+        );
+        let rejected = LaunchError::Rejected {
+            summary: "policy image-allowlist: reject (not allowed)".into(),
+            fault: false,
+        };
+        assert_eq!(of_launch(&rejected).code(), Code::PermissionDenied);
+        assert_eq!(
+            of_launch(&LaunchError::NoQemu).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            of_launch(&LaunchError::Interrupted).code(),
+            Code::Unavailable
+        );
     }
 }

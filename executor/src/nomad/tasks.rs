@@ -7,16 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use nomad_proto::driver::{ExitResult, TaskConfig};
-use policy_sdk::{Accelerator, Task};
 use tokio::sync::watch;
 use tonic::Status;
 
 use super::events::{Events, Subject};
-use super::plugin_config::Host;
+use super::plugin_config::Configured;
 use super::state::{self, DriverState};
-use crate::launcher::{HostSettings, LaunchEvent};
+use crate::launch::{Event, Holdings, LaunchError, Placement, Prepared};
 use crate::qemu::forward::Forward;
-use crate::supervisor::{Ending, ShimSettings, StopHow, StopSignal, TaskDir};
+use crate::vm::{Ending, StopHow, StopSignal, TaskDir};
 
 /// How long a forced destroy waits for the VM to go.
 const DESTROY_WAIT: Duration = Duration::from_secs(30);
@@ -33,8 +32,6 @@ pub struct TaskEnd {
 /// One task of this plugin.
 pub struct NomadTask {
     pub subject: Subject,
-    /// The config Nomad started it with, echoed in handles.
-    pub config: TaskConfig,
     pub dir: TaskDir,
     pub stop: StopSignal,
     state: Mutex<DriverState>,
@@ -52,7 +49,6 @@ impl NomadTask {
             dir: TaskDir {
                 root: state.task_dir.clone(),
             },
-            config,
             stop: StopSignal::default(),
             state: Mutex::new(state),
             end: watch::channel(None).0,
@@ -99,7 +95,7 @@ impl NomadTask {
 
     /// Publishes the end once, and cleans up what the VM left (not its
     /// directory, which holds its logs until Nomad destroys the task).
-    pub fn finish(&self, host: &Host, events: &Events, end: TaskEnd) {
+    pub fn finish(&self, configured: &Configured, events: &Events, end: TaskEnd) {
         if self.end.borrow().is_some() {
             return;
         }
@@ -120,31 +116,27 @@ impl NomadTask {
                 ("signal", end.result.signal.to_string()),
             ],
         );
-        self.release(host);
+        self.release(configured);
         self.end.send_replace(Some(end));
     }
 
     /// Gives back what the VM held: its cgroups, overlay and socket, and
     /// its lease on the image.
-    pub fn release(&self, host: &Host) {
+    pub fn release(&self, configured: &Configured) {
         let state = self.state();
-        crate::agent::isolation::remove_cgroups(&state.cgroups);
-        for leftover in [self.dir.overlay(), self.dir.qmp_socket()] {
-            let _ = std::fs::remove_file(leftover);
-        }
-        if let Err(e) = host
-            .runner
-            .cache
-            .release_lease(&state.task.checksum, &state.key())
-        {
-            tracing::warn!(task = %self.subject.task_id, error = %crate::error_chain(&e), "cannot release the image lease");
-        }
+        configured.pipeline.release(&Holdings {
+            dir: self.dir.clone(),
+            checksums: vec![state.task.checksum],
+            cgroups: state.cgroups,
+            // Kept until Nomad destroys the task (`remove_files`).
+            exit_record: None,
+        });
     }
 
     /// Forgets the task: its directory and what the plugin kept for it.
-    pub fn remove_files(&self, host: &Host) {
+    pub fn remove_files(&self, configured: &Configured) {
         let key = self.state().key();
-        state::forget(&host.runner.state_dir, &key);
+        state::forget(&configured.pipeline.state_dir, &key);
         if let Err(e) = std::fs::remove_dir_all(&self.dir.root)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -172,7 +164,7 @@ impl NomadTask {
 /// a guest power-off or a graceful stop, 6 with signal 9 when it was killed
 /// at the stop timeout, 5 when qemu failed, 7 when it never got ready.
 pub fn exit_result(ending: &Ending) -> (ExitResult, String) {
-    let code = i32::from(ending.exit_code());
+    let code = i32::from(ending.exit());
     let signal = match ending {
         Ending::Stopped(StopHow::Killed) => libc::SIGKILL,
         _ => 0,
@@ -202,18 +194,9 @@ pub fn exit_result_of_status(status: std::process::ExitStatus) -> ExitResult {
     }
 }
 
-/// The launcher's settings for a plugin task: shims that outlive the
-/// plugin, copying the console and qemu's log to Nomad's FIFOs.
-pub fn host_settings(
-    host: &Host,
-    config: &TaskConfig,
-    state: &DriverState,
-    qemu: Option<&crate::fingerprint::QemuInfo>,
-) -> HostSettings {
-    let runner = &host.runner;
-    let dir = TaskDir {
-        root: state.task_dir.clone(),
-    };
+/// Where a plugin task's VM lives: under a shim that outlives the plugin,
+/// copying the console and qemu's log to Nomad's FIFOs.
+pub fn placement(configured: &Configured, config: &TaskConfig, dir: &TaskDir) -> Placement {
     let mut forwards = Vec::new();
     for (from, to) in [
         (dir.serial_log(), &config.stdout_path),
@@ -226,41 +209,32 @@ pub fn host_settings(
             });
         }
     }
-    HostSettings::shimmed(
-        &runner.config,
-        &runner.state_dir,
-        &host.isolation,
-        qemu,
-        ShimSettings {
-            exe: host.exe.clone(),
-            exit_record: state::exit_record(&runner.state_dir, &state.key()),
-            cgroups: state.cgroups.clone(),
-            mount_namespace: host.isolation.mount_namespace,
-            forwards,
-        },
-    )
+    Placement {
+        dir: dir.clone(),
+        exit_record: Some(state::exit_record(
+            &configured.pipeline.state_dir,
+            &dir.key(),
+        )),
+        forwards,
+    }
 }
 
-/// Records and reports what the launcher says while the VM runs.
-pub fn on_launch_event(host: &Host, events: &Events, task: &NomadTask, event: LaunchEvent<'_>) {
+/// Records and reports what the pipeline says while the VM runs.
+pub fn on_event(configured: &Configured, events: &Events, task: &NomadTask, event: Event<'_>) {
     match event {
-        LaunchEvent::Started {
+        Event::Started {
             accelerator,
             identity,
             shim,
-            dir,
             ..
         } => {
-            if let Err(e) = host.isolation.hand_over_qmp_socket(dir) {
-                tracing::warn!(task = %task.subject.task_id, error = %crate::error_chain(&e), "cannot hand the QMP socket to the VM's user");
-            }
             let state = task.update(|s| {
                 s.qemu = identity;
                 s.shim = shim.unwrap_or(identity);
                 s.accelerator = accelerator;
                 s.started_at_ms = crate::qemu::shim::now_ms();
             });
-            if let Err(e) = state::save(&host.runner.state_dir, &state) {
+            if let Err(e) = state::save(&configured.pipeline.state_dir, &state) {
                 tracing::warn!(task = %task.subject.task_id, error = %e, "cannot save the driver state");
             }
             events.emit(
@@ -273,10 +247,10 @@ pub fn on_launch_event(host: &Host, events: &Events, task: &NomadTask, event: La
                 ],
             );
         }
-        LaunchEvent::PortReady(port) => {
+        Event::PortReady(port) => {
             tracing::info!(task = %task.subject.task_id, host = port.host, guest = port.guest, "port ready");
         }
-        LaunchEvent::Ready { after } => {
+        Event::Ready { after } => {
             // With nothing to check, "ready" would only mean qemu started:
             // Nomad's own service checks speak for the guest then.
             let task_def = task.state().task;
@@ -290,20 +264,26 @@ pub fn on_launch_event(host: &Host, events: &Events, task: &NomadTask, event: La
                 );
             }
         }
-        LaunchEvent::KvmFallback { reason } => events.emit(
+        Event::KvmFallback { reason } => events.emit(
             &task.subject,
             "kvm-fallback",
             format!("KVM failed this guest ({reason}); relaunching it under tcg"),
             &[("reason", reason.to_string())],
         ),
-        LaunchEvent::Stopping => {
+        Event::Stopping => {
             tracing::info!(task = %task.subject.task_id, "stopping the VM");
         }
+        // Before the VM: StartTask reports these.
+        Event::Facts(_)
+        | Event::Policies(_)
+        | Event::Accelerator { .. }
+        | Event::Image(_)
+        | Event::Confined { .. } => {}
     }
 }
 
 /// The end of a launch or a resumed supervision, for `finish`.
-pub fn end_of(outcome: Result<Ending, String>) -> TaskEnd {
+pub fn end_of(outcome: Result<Ending, LaunchError>) -> TaskEnd {
     match outcome {
         Ok(ending) => {
             let (result, err) = exit_result(&ending);
@@ -313,26 +293,20 @@ pub fn end_of(outcome: Result<Ending, String>) -> TaskEnd {
                 at: SystemTime::now(),
             }
         }
-        Err(err) => TaskEnd {
+        Err(e) => TaskEnd {
             result: ExitResult {
-                exit_code: i32::from(crate::runner::exit::QEMU),
+                exit_code: i32::from(e.exit()),
                 signal: 0,
                 oom_killed: false,
             },
-            err,
+            err: crate::error_chain(&e),
             at: SystemTime::now(),
         },
     }
 }
 
 /// The state of a task about to launch: no qemu yet.
-pub fn initial_state(
-    task_id: &str,
-    dir: &TaskDir,
-    task: &Task,
-    accelerator: Accelerator,
-    cgroups: Vec<std::path::PathBuf>,
-) -> DriverState {
+pub fn initial_state(task_id: &str, dir: &TaskDir, prepared: &Prepared) -> DriverState {
     let nobody = crate::qemu::process::ProcessIdentity {
         pid: 0,
         start_time: 0,
@@ -340,12 +314,12 @@ pub fn initial_state(
     DriverState {
         task_id: task_id.to_string(),
         task_dir: dir.root.clone(),
-        task: task.clone(),
-        accelerator,
+        task: prepared.admitted.task.clone(),
+        accelerator: prepared.plan.accelerator,
         qemu: nobody,
         shim: nobody,
         started_at_ms: 0,
-        cgroups,
+        cgroups: prepared.cgroups.clone(),
     }
 }
 

@@ -164,7 +164,7 @@ impl QemuProcess {
     }
 }
 
-/// The qemu a [`crate::supervisor::Vm`] supervises: a child of ours
+/// The qemu a [`crate::vm::Vm`] supervises: a child of ours
 /// (`run`), or a child of its shim (the agent), started by this agent or
 /// adopted from an earlier one.
 #[derive(Debug)]

@@ -306,7 +306,7 @@ impl ShimSpawn<'_> {
                     Ok(Ok(s)) => s.to_string(),
                     _ => "still running".to_string(),
                 },
-                crate::supervisor::log_tail(self.log, log_start)
+                crate::logtail::log_tail(self.log, log_start)
             ))));
         };
         tracing::info!(

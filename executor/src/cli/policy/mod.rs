@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use policy_sdk::testing::{self, Outcome};
 use policy_sdk::{HostFacts, Task};
+use qemu_executor::launch::Exit;
 use qemu_executor::policy::config::LimitsConfig;
 use qemu_executor::policy::{
     self, Chain, ChainOutcome, Limits, PolicyEngine, PolicyError, PolicySpec,
@@ -22,13 +23,13 @@ use serde_json::json;
 use super::GlobalOpts;
 
 /// The task was accepted (possibly rewritten).
-const EXIT_ACCEPT: u8 = 0;
+const EXIT_ACCEPT: Exit = Exit::SUCCESS;
 /// The task was rejected.
-const EXIT_REJECT: u8 = 1;
+const EXIT_REJECT: Exit = Exit::POLICY_REJECTED;
 /// The policy, task, facts, settings or cases could not be used.
-const EXIT_BAD_INPUT: u8 = 2;
+const EXIT_BAD_INPUT: Exit = Exit::INVALID;
 /// The policy failed: trap, timeout, limit, output that makes no sense.
-const EXIT_FAULT: u8 = 3;
+const EXIT_FAULT: Exit = Exit::POLICY_FAULT;
 
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
@@ -314,12 +315,12 @@ fn read_settings(arg: Option<&str>) -> anyhow::Result<String> {
     Ok(text)
 }
 
-pub(super) fn report_error(err: &anyhow::Error, code: u8) -> ExitCode {
+pub(super) fn report_error(err: &anyhow::Error, code: Exit) -> ExitCode {
     eprintln!("error: {err}");
     for cause in err.chain().skip(1) {
         eprintln!("  caused by: {cause}");
     }
-    ExitCode::from(code)
+    code.into()
 }
 
 #[cfg(test)]

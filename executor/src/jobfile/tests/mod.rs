@@ -12,8 +12,8 @@ use policy_sdk::{
 use super::*;
 
 const MD5: &str = "0123456789abcdef0123456789abcdef";
-const ORIGINAL: &str = include_str!("../../../tests/data/jobs/original.nomad");
-const TODAY: &str = include_str!("../../../tests/data/jobs/today.nomad");
+const ORIGINAL: &str = include_str!("../../../../tests/data/jobs/original.nomad");
+const TODAY: &str = include_str!("../../../../tests/data/jobs/today.nomad");
 
 /// A job with one group, a static `http` port 18080, and the qemu task
 /// `web`, whose body is `task_body`.

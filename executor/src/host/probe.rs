@@ -9,7 +9,7 @@ use policy_sdk::{HostFacts, KvmStatus};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
-use crate::{kvm, verdict};
+use super::{kvm, verdict};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 const CACHE_FILE: &str = "qemu-fingerprint.json";

@@ -3,7 +3,7 @@
 //! The probe can prove KVM absent or broken, never that guests will run: on
 //! some hosts every ioctl answers and real guests still fail. That verdict
 //! comes from watching a guest (see `supervisor`) and is remembered in
-//! [`crate::verdict`].
+//! [`super::verdict`].
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

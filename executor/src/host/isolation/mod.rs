@@ -4,10 +4,14 @@
 //! seccomp sandbox on top). What cannot apply on this host is reported, at
 //! start and in each task's status, never dropped silently.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::config::AgentConfig;
-use super::record::{IsolationReport, Mechanism};
+use serde::{Deserialize, Serialize};
+
+use config::AgentConfig;
+
+pub mod config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IsolationError {
@@ -26,6 +30,33 @@ pub enum IsolationError {
         source: std::io::Error,
     },
 }
+
+/// One isolation mechanism: whether it applies, and what it is or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mechanism {
+    pub active: bool,
+    pub detail: String,
+}
+
+impl Mechanism {
+    pub fn on(detail: impl Into<String>) -> Self {
+        Mechanism {
+            active: true,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn off(why: impl Into<String>) -> Self {
+        Mechanism {
+            active: false,
+            detail: why.into(),
+        }
+    }
+}
+
+/// Mechanisms by name: `cgroup`, `user`, `sandbox`, `mount_namespace`,
+/// `chroot`.
+pub type IsolationReport = BTreeMap<String, Mechanism>;
 
 /// The cgroup mounts of this host, from /proc/self/mountinfo.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
