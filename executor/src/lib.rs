@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod host;
 pub mod jobfile;
 pub mod launch;
+pub mod logging;
 pub mod logtail;
 pub mod nomad;
 pub mod passthrough;

@@ -14,9 +14,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // The whole chain, so the cause of a cause is never lost.
-            eprintln!("error: {err}");
+            qemu_executor::eprint_line!("error: {err}");
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                qemu_executor::eprint_line!("  caused by: {cause}");
             }
             qemu_executor::launch::Exit::ERROR.into()
         }

@@ -132,7 +132,7 @@ pub fn init_tracing(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(qemu_executor::logging::Stderr)
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
@@ -150,6 +150,9 @@ pub fn init_tracing(cli: &Cli) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !supervises(&cli.command) {
+        die_quietly_on_a_closed_pipe();
+    }
     let command = match cli.command {
         // The shim stays a small synchronous process: no runtime.
         Command::Shim(args) => return Ok(shim::run(args)),
@@ -174,6 +177,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Shim(_) => unreachable!("handled before the runtime"),
         }
     })
+}
+
+/// Verbs that look after VMs: a reader of their output that goes away
+/// must not take them down (their writes fail with EPIPE instead, which
+/// they ignore).
+fn supervises(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Run(_) | Command::Agent(_) | Command::NomadPlugin(_) | Command::Shim(_)
+    )
+}
+
+/// The other verbs end as Unix tools do when their reader goes away
+/// (`qemu-executor status ID | head -1`): quietly, by SIGPIPE, instead of
+/// a panic in `println!`.
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: called before any thread or runtime starts, and SIG_DFL is
+    // the kernel's own default action, so no handler code runs in us.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// The operator's configuration: `--config` if given, else defaults.
@@ -213,10 +237,10 @@ pub async fn load_chain(
 
 /// Prints an error with its whole chain of causes, as `main` does.
 pub fn print_error(err: &dyn std::error::Error) {
-    eprintln!("error: {err}");
+    qemu_executor::eprint_line!("error: {err}");
     let mut cause = err.source();
     while let Some(c) = cause {
-        eprintln!("  caused by: {c}");
+        qemu_executor::eprint_line!("  caused by: {c}");
         cause = c.source();
     }
 }

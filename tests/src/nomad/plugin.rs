@@ -84,6 +84,9 @@ pub fn plugin_command(sandbox: &Sandbox, config: Option<&Path>, cookie: bool) ->
 /// A running plugin and a gRPC channel to it.
 pub struct PluginUnderTest {
     child: GroupChild,
+    /// The processes that hold the read ends of the plugin's stdout and
+    /// stderr, as Nomad's agent does; killing them is the agent's crash.
+    relays: Relays,
     pub socket: PathBuf,
     channel: Channel,
     stderr: Arc<Mutex<Vec<String>>>,
@@ -103,8 +106,13 @@ impl PluginUnderTest {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = GroupChild::spawn(cmd).expect("spawn qemu-executor nomad-plugin");
         let pid = child.id();
-        let stdout = child.child_mut().stdout.take().expect("piped stdout");
-        let stderr_pipe = child.child_mut().stderr.take().expect("piped stderr");
+        let mut relays = Relays::default();
+        let stdout = relays.relay(Stdio::from(
+            child.child_mut().stdout.take().expect("piped stdout"),
+        ));
+        let stderr_pipe = relays.relay(Stdio::from(
+            child.child_mut().stderr.take().expect("piped stderr"),
+        ));
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let lines = stderr.clone();
@@ -166,6 +174,7 @@ impl PluginUnderTest {
             .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
         PluginUnderTest {
             child,
+            relays,
             socket,
             channel,
             stderr,
@@ -178,6 +187,21 @@ impl PluginUnderTest {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What a crash of the Nomad agent does to a plugin that lives on:
+    /// nobody reads its stdout and stderr any more, so its writes fail
+    /// with EPIPE.
+    pub fn kill_stdio_readers(&mut self) {
+        self.relays.kill();
+    }
+
+    /// A fresh gRPC connection, as an agent that reattaches makes.
+    pub async fn reconnect(&mut self) {
+        self.channel = tokio::time::timeout(Duration::from_secs(10), connect(&self.socket))
+            .await
+            .expect("reconnecting in time")
+            .unwrap_or_else(|e| panic!("reconnecting to {}: {e}", self.socket.display()));
     }
 
     /// Sends `signal` to the plugin's pid.
@@ -349,6 +373,38 @@ impl Drop for PluginUnderTest {
         if !std::thread::panicking() {
             self.assert_no_stray_stdout();
         }
+    }
+}
+
+/// `cat` processes copying the plugin's output to the test: each holds
+/// the read end of one of the plugin's pipes.
+#[derive(Default)]
+struct Relays(Vec<std::process::Child>);
+
+impl Relays {
+    fn relay(&mut self, from: Stdio) -> std::process::ChildStdout {
+        let mut cat = Command::new("cat")
+            .stdin(from)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn cat as a relay");
+        let out = cat.stdout.take().expect("piped relay");
+        self.0.push(cat);
+        out
+    }
+
+    fn kill(&mut self) {
+        for cat in &mut self.0 {
+            let _ = cat.kill();
+            let _ = cat.wait();
+        }
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
