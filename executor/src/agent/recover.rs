@@ -73,21 +73,8 @@ pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
         }
         Adoption::EndedMeanwhile { status, .. } => {
             tracing::info!(task = %handle.id, pid = vm.qemu.pid, "the VM ended while the agent was down");
-            let ending = if state == TaskState::Stopping && status.success() {
-                // The stop had pressed the power button, and it was heard.
-                Ending::Stopped(StopHow::Powerdown)
-            } else if status.success() {
-                // qemu exits 0 on a guest power-off, and nobody sent
-                // `quit`: the guest shut down.
-                Ending::GuestShutdown
-            } else {
-                Ending::QemuExited {
-                    status: describe_status(Ok(status)),
-                    log_tail: String::new(),
-                }
-            };
             Next::Ended {
-                outcome: Ok(ending),
+                outcome: Ok(ending_while_down(status, state)),
                 while_agent_down: true,
             }
         }
@@ -95,6 +82,24 @@ pub(super) async fn recover(agent: &Agent, handle: &TaskHandle) -> Next {
             while_agent_down: matches!(e, LaunchError::ShimKilled),
             outcome: Err(e),
         },
+    }
+}
+
+/// How a VM that ended while no agent watched ended, from the status its
+/// shim recorded.
+fn ending_while_down(status: std::process::ExitStatus, state: TaskState) -> Ending {
+    if state == TaskState::Stopping && status.success() {
+        // The stop had pressed the power button, and it was heard.
+        Ending::Stopped(StopHow::Powerdown)
+    } else if status.success() {
+        // qemu exits 0 on a guest power-off, and nobody sent `quit`: the
+        // guest shut down.
+        Ending::GuestShutdown
+    } else {
+        Ending::QemuExited {
+            status: describe_status(Ok(status)),
+            log_tail: String::new(),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use policy_sdk::Accelerator;
 use super::record::{AcceleratorChoice, ExitRecord, ImageRecord, TaskState, VmRecord};
 use super::restart::{self, Decision};
 use super::{Agent, TaskHandle, now_ms};
-use crate::launch::{Admitted, Event, Holdings, LaunchError, Phase, Placement};
+use crate::launch::{Admitted, Event, Holdings, Kind, LaunchError, Phase, Placement};
 use crate::vm::{Ending, TaskDir, Vm};
 
 /// The next step of a task's life.
@@ -153,9 +153,10 @@ async fn launch(agent: &Agent, handle: &TaskHandle) -> Next {
     }
     let record = handle.record();
     let pipeline = &agent.pipeline;
-    let fail = |e: LaunchError| match e {
-        LaunchError::Interrupted => stopped_before_launch(agent, handle),
-        e => finish(
+    // A stop that came first is an end, not a failure.
+    let fail = |e: LaunchError| match e.kind() {
+        Kind::Interrupted => stopped_before_launch(agent, handle),
+        _ => finish(
             agent,
             handle,
             TaskState::Failed,
