@@ -43,7 +43,7 @@ use crate::host::isolation::{Isolation, IsolationReport};
 use crate::host::probe::QemuInfo;
 use crate::policy::ChainOutcome;
 use crate::qemu::forward::Forward;
-use crate::vm::{Ending, StopSignal, TaskDir};
+use crate::vm::{StopSignal, TaskDir};
 
 pub use error::{Kind, LaunchError};
 pub use event::Event;
@@ -243,19 +243,6 @@ impl<S: Seam> Pipeline<S> {
         Ok(made.paths)
     }
 
-    /// Boots the prepared task (relaunching it once under tcg if KVM
-    /// fails the guest and the task allows it), then waits until it ends
-    /// or `stop` fires, and stops it.
-    pub async fn launch(
-        &self,
-        prepared: &Prepared,
-        placement: &Placement,
-        stop: &StopSignal,
-        on_event: &mut (impl FnMut(Event<'_>) + Send),
-    ) -> Result<Ending, LaunchError> {
-        supervise::launch(self, prepared, placement, stop, on_event).await
-    }
-
     /// Takes back a VM an earlier process started, by its shim's and
     /// qemu's identities; renews its lease first, so gc leaves its image.
     pub async fn adopt(&self, found: &Found, checksum: &Checksum) -> Adoption<S::Vm> {
@@ -263,20 +250,6 @@ impl<S: Seam> Pipeline<S> {
             tracing::warn!(task = %found.dir.key(), error = %crate::error_chain(&e), "cannot renew the image lease");
         }
         self.seam.adopt(found).await
-    }
-
-    /// Carries on supervising an adopted VM from the phase it was in. A
-    /// KVM failure seen now ends it: a relaunch is the restart policy's.
-    pub async fn resume(
-        &self,
-        vm: S::Vm,
-        task: &Task,
-        accelerator: Accelerator,
-        phase: Phase,
-        stop: &StopSignal,
-        on_event: &mut (impl FnMut(Event<'_>) + Send),
-    ) -> Ending {
-        supervise::resume(self, vm, task, accelerator, phase, stop, on_event).await
     }
 
     /// Gives back what a VM held: its overlay, QMP socket, exit record,

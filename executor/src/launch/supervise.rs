@@ -40,47 +40,52 @@ impl Phase {
     }
 }
 
-pub(super) async fn launch<S: Seam>(
-    pipeline: &Pipeline<S>,
-    prepared: &Prepared,
-    placement: &Placement,
-    stop: &StopSignal,
-    on_event: &mut (impl FnMut(Event<'_>) + Send),
-) -> Result<Ending, LaunchError> {
-    let task = &prepared.admitted.task;
-    let dir = &placement.dir;
-    let mut accelerator = prepared.plan.accelerator;
-    let kind = image::detect(&prepared.image.path)?;
-    let spawn = spawn_mode(pipeline, prepared, placement);
-    loop {
-        let medium = boot_medium(pipeline, kind, &prepared.image.path, task, dir).await?;
-        let started = Instant::now();
-        let vm = pipeline
-            .seam
-            .start(Launch {
-                qemu: &prepared.plan.qemu.binary,
-                task,
+impl<S: Seam> Pipeline<S> {
+    /// Boots the prepared task (relaunching it once under tcg if KVM fails
+    /// the guest and the task allows it), then waits until it ends or `stop`
+    /// fires, and stops it.
+    pub async fn launch(
+        &self,
+        prepared: &Prepared,
+        placement: &Placement,
+        stop: &StopSignal,
+        on_event: &mut (impl FnMut(Event<'_>) + Send),
+    ) -> Result<Ending, LaunchError> {
+        let task = &prepared.admitted.task;
+        let dir = &placement.dir;
+        let mut accelerator = prepared.plan.accelerator;
+        let kind = image::detect(&prepared.image.path)?;
+        let spawn = spawn_mode(self, prepared, placement);
+        loop {
+            let medium = boot_medium(self, kind, &prepared.image.path, task, dir).await?;
+            let started = Instant::now();
+            let vm = self
+                .seam
+                .start(Launch {
+                    qemu: &prepared.plan.qemu.binary,
+                    task,
+                    accelerator,
+                    medium,
+                    dir,
+                    extra_args: &prepared.admitted.extra_args,
+                    confinement: confinement(self, dir),
+                    spawn: &spawn,
+                })
+                .await?;
+            announce_start(self, &vm, accelerator, dir, on_event);
+            let watch = Watch {
                 accelerator,
-                medium,
-                dir,
-                extra_args: &prepared.admitted.extra_args,
-                confinement: confinement(pipeline, dir),
-                spawn: &spawn,
-            })
-            .await?;
-        announce_start(pipeline, &vm, accelerator, dir, on_event);
-        let watch = Watch {
-            accelerator,
-            ready_timeout: Duration::from_secs(task.ready_timeout_s.into()),
-            started,
-            qemu_version: Some(prepared.plan.qemu.version.as_str()),
-        };
-        match supervise(pipeline, vm, task, watch, stop, on_event).await {
-            Ending::KvmUnusable { reason } if task.kvm_fallback => {
-                on_event(Event::KvmFallback { reason: &reason });
-                accelerator = Accelerator::Tcg;
+                ready_timeout: Duration::from_secs(task.ready_timeout_s.into()),
+                started,
+                qemu_version: Some(prepared.plan.qemu.version.as_str()),
+            };
+            match supervise(self, vm, task, watch, stop, on_event).await {
+                Ending::KvmUnusable { reason } if task.kvm_fallback => {
+                    on_event(Event::KvmFallback { reason: &reason });
+                    accelerator = Accelerator::Tcg;
+                }
+                ending => return Ok(ending),
             }
-            ending => return Ok(ending),
         }
     }
 }
@@ -135,29 +140,33 @@ fn confinement<S: Seam>(pipeline: &Pipeline<S>, dir: &TaskDir) -> Confinement {
     }
 }
 
-pub(super) async fn resume<S: Seam>(
-    pipeline: &Pipeline<S>,
-    mut vm: S::Vm,
-    task: &Task,
-    accelerator: Accelerator,
-    phase: Phase,
-    stop: &StopSignal,
-    on_event: &mut (impl FnMut(Event<'_>) + Send),
-) -> Ending {
-    match phase {
-        Phase::Stopping => {
-            on_event(Event::Stopping);
-            stop_vm(&mut vm, task, stop).await
-        }
-        Phase::Ready => run_until_end(&mut vm, task, stop, on_event).await,
-        Phase::Booting { left } => {
-            let watch = Watch {
-                accelerator,
-                ready_timeout: left,
-                started: Instant::now(),
-                qemu_version: None,
-            };
-            supervise(pipeline, vm, task, watch, stop, on_event).await
+impl<S: Seam> Pipeline<S> {
+    /// Carries on supervising an adopted VM from the phase it was in. A KVM
+    /// failure seen now ends it: a relaunch is the restart policy's.
+    pub async fn resume(
+        &self,
+        mut vm: S::Vm,
+        task: &Task,
+        accelerator: Accelerator,
+        phase: Phase,
+        stop: &StopSignal,
+        on_event: &mut (impl FnMut(Event<'_>) + Send),
+    ) -> Ending {
+        match phase {
+            Phase::Stopping => {
+                on_event(Event::Stopping);
+                stop_vm(&mut vm, task, stop).await
+            }
+            Phase::Ready => run_until_end(&mut vm, task, stop, on_event).await,
+            Phase::Booting { left } => {
+                let watch = Watch {
+                    accelerator,
+                    ready_timeout: left,
+                    started: Instant::now(),
+                    qemu_version: None,
+                };
+                supervise(self, vm, task, watch, stop, on_event).await
+            }
         }
     }
 }

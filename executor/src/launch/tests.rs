@@ -19,7 +19,7 @@ use crate::policy::ChainOutcome;
 use crate::qemu::cmdline::DiskFormat;
 use crate::qemu::image::ImageError;
 use crate::qemu::process::ProcessIdentity;
-use crate::vm::{Boot, BootWatch, Launch, Machine, StopHow, SuperviseError};
+use crate::vm::{Boot, BootWatch, Ending, Launch, Machine, StopHow, SuperviseError};
 
 /// What a fake VM does when booted.
 #[derive(Debug, Clone)]
@@ -465,55 +465,36 @@ async fn refused_args_exit_invalid_before_anything_runs() {
     assert_eq!(w.pipeline.seam.logged("fetch"), 0);
 }
 
+/// The events of a kvm task that ran to its end on a host whose KVM is
+/// `kvm`.
+async fn kvm_task_events(kvm: KvmStatus) -> Vec<String> {
+    let w = world(
+        kvm,
+        accept,
+        FetchScript::Image,
+        vec![Script::ReadyThenShutdown],
+    );
+    let mut seen = Seen::default();
+    let task = task("accelerator = \"kvm\"\n");
+    run(&w, task, &StopSignal::default(), &mut seen)
+        .await
+        .unwrap();
+    seen.events
+}
+
 #[tokio::test]
 async fn each_accelerator_choice() {
-    // kvm where it works.
-    let w = world(
-        KvmStatus::Usable,
-        accept,
-        FetchScript::Image,
-        vec![Script::ReadyThenShutdown],
-    );
-    let mut seen = Seen::default();
-    run(
-        &w,
-        task("accelerator = \"kvm\"\n"),
-        &StopSignal::default(),
-        &mut seen,
-    )
-    .await
-    .unwrap();
-    assert!(
-        seen.events.contains(&"started kvm".to_string()),
-        "{:?}",
-        seen.events
-    );
+    let usable = kvm_task_events(KvmStatus::Usable).await;
+    assert!(usable.contains(&"started kvm".to_string()), "{usable:?}");
     // tcg where KVM is known to lie and the task allows it.
-    let w = world(
-        KvmStatus::Unusable("emulation failure".into()),
-        accept,
-        FetchScript::Image,
-        vec![Script::ReadyThenShutdown],
-    );
-    let mut seen = Seen::default();
-    run(
-        &w,
-        task("accelerator = \"kvm\"\n"),
-        &StopSignal::default(),
-        &mut seen,
-    )
-    .await
-    .unwrap();
-    assert!(
-        seen.events.contains(&"accelerator tcg".to_string()),
-        "{:?}",
-        seen.events
-    );
+    let lying = kvm_task_events(KvmStatus::Unusable("emulation failure".into())).await;
+    assert!(lying.contains(&"accelerator tcg".to_string()), "{lying:?}");
     // A refusal where it does not.
     let w = world(KvmStatus::Absent, accept, FetchScript::Image, Vec::new());
+    let no_fallback = task("accelerator = \"kvm\"\nkvm_fallback = false\n");
     let err = run(
         &w,
-        task("accelerator = \"kvm\"\nkvm_fallback = false\n"),
+        no_fallback,
         &StopSignal::default(),
         &mut Seen::default(),
     )
