@@ -43,6 +43,18 @@ pub fn request(
     content_type: Option<&str>,
     body: &[u8],
 ) -> std::io::Result<Answer> {
+    request_with(socket, method, path, &[], content_type, body)
+}
+
+/// [`request`] with more header lines.
+pub fn request_with(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_type: Option<&str>,
+    body: &[u8],
+) -> std::io::Result<Answer> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut head = format!(
@@ -51,6 +63,9 @@ pub fn request(
     );
     if let Some(ct) = content_type {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes())?;

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::{Agent, AgentError, StopError};
+use super::{Agent, AgentError, StopError, Submitted};
 use crate::task::{TaskFile, parse_json, parse_toml};
 use crate::vm::TaskDir;
 
@@ -259,6 +259,18 @@ async fn dispatch(
             .map(|s| json(StatusCode::OK, &s))
             .ok_or_else(|| unknown(&id)),
         Route::Submit => {
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .map(|v| {
+                    v.to_str().map(str::to_string).map_err(|_| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "Invalid Idempotency-Key: it holds a byte that is not visible ASCII",
+                        )
+                    })
+                })
+                .transpose()?;
             let (content_type, body) = read_body(req).await?;
             let file = parse_task_body(content_type.as_deref(), &body)?;
             let task = file.into_task().map_err(|errors| ApiError {
@@ -275,20 +287,15 @@ async fn dispatch(
                     format!("Invalid task: {errors}"),
                 )
             })?;
-            match agent.submit(task) {
-                Ok(record) => Ok(json(
-                    StatusCode::CREATED,
-                    &serde_json::json!({"id": record.id, "name": record.name, "state": record.state}),
-                )),
-                Err(e @ AgentError::ShuttingDown) => Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    e.to_string(),
-                )),
-                Err(e) => Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    crate::error_chain(&e),
-                )),
-            }
+            let (status, record) = match agent.submit(task, key) {
+                Ok(Submitted::Created(record)) => (StatusCode::CREATED, record),
+                Ok(Submitted::Replayed(record)) => (StatusCode::OK, record),
+                Err(e) => return Err(submit_error(e)),
+            };
+            Ok(json(
+                status,
+                &serde_json::json!({"id": record.id, "name": record.name, "state": record.state}),
+            ))
         }
         Route::Stop(id) => {
             let wait = query_flag(&req, "wait");
@@ -351,6 +358,17 @@ async fn dispatch(
                 .expect("a valid response"))
         }
     }
+}
+
+/// The answer to a submit the agent refused.
+fn submit_error(e: AgentError) -> ApiError {
+    let status = match e {
+        AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        AgentError::PortTaken { .. } | AgentError::KeyReused { .. } => StatusCode::CONFLICT,
+        AgentError::InvalidKey(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, crate::error_chain(&e))
 }
 
 #[cfg(test)]

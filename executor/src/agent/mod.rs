@@ -21,6 +21,7 @@ pub mod store;
 mod api;
 mod logs;
 mod recover;
+mod submit;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -40,6 +41,7 @@ use crate::vm::StopSignal;
 pub use metrics::Metrics;
 pub use record::{TaskRecord, TaskState};
 pub use store::Store;
+pub use submit::Submitted;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -55,6 +57,17 @@ pub enum AgentError {
     TaskDir(#[from] crate::launch::LaunchError),
     #[error("The agent is shutting down and accepts no new tasks")]
     ShuttingDown,
+    #[error("Host port {protocol} {host_ip}:{port} is held by task {holder}")]
+    PortTaken {
+        protocol: String,
+        host_ip: String,
+        port: u16,
+        holder: String,
+    },
+    #[error("Idempotency-Key {key:?} was used for task {id}, with another task")]
+    KeyReused { key: String, id: String },
+    #[error("Invalid Idempotency-Key: {0}")]
+    InvalidKey(&'static str),
 }
 
 /// What stopping a task can run into.
@@ -76,6 +89,9 @@ pub struct Agent {
     tasks: RwLock<BTreeMap<String, Arc<TaskHandle>>>,
     pub metrics: Metrics,
     accepting: AtomicBool,
+    /// Held while a submit checks ports and keys and records its task, so
+    /// two submits cannot both pass the checks.
+    submitting: Mutex<()>,
 }
 
 /// One task as the agent holds it: its record (as last written to the
@@ -183,6 +199,7 @@ impl Agent {
             tasks: RwLock::new(BTreeMap::new()),
             metrics: Metrics::default(),
             accepting: AtomicBool::new(true),
+            submitting: Mutex::new(()),
         }))
     }
 
@@ -213,10 +230,40 @@ impl Agent {
     }
 
     /// Accepts a validated task: a task directory, a row in the store,
-    /// then a worker. Returns the new record.
-    pub fn submit(self: &Arc<Self>, task: Task) -> Result<TaskRecord, AgentError> {
+    /// then a worker. With `key`, a repeat of an earlier submit with the
+    /// same key and task answers with that task instead.
+    pub fn submit(
+        self: &Arc<Self>,
+        task: Task,
+        key: Option<String>,
+    ) -> Result<Submitted, AgentError> {
         if !self.accepting.load(Ordering::Acquire) {
             return Err(AgentError::ShuttingDown);
+        }
+        let _submitting = self.submitting.lock().expect("submit lock poisoned");
+        let records: Vec<TaskRecord> = self.handles().iter().map(|h| h.record()).collect();
+        if let Some(key) = &key {
+            submit::check_key(key).map_err(AgentError::InvalidKey)?;
+            if let Some(earlier) = records
+                .iter()
+                .find(|r| r.idempotency_key.as_ref() == Some(key))
+            {
+                if earlier.submitted != task {
+                    return Err(AgentError::KeyReused {
+                        key: key.clone(),
+                        id: earlier.id.clone(),
+                    });
+                }
+                return Ok(Submitted::Replayed(earlier.clone()));
+            }
+        }
+        if let Some((port, holder)) = submit::port_holder(&task, &records) {
+            return Err(AgentError::PortTaken {
+                protocol: port.protocol.to_string(),
+                host_ip: port.host_ip.clone(),
+                port: port.host,
+                holder: holder.id.clone(),
+            });
         }
         let dir = crate::launch::task_dir(&self.pipeline.state_dir, &task.name)?;
         // Logs and the serial console are the tenant's business only.
@@ -233,7 +280,8 @@ impl Agent {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| task.name.clone());
-        let record = TaskRecord::new(id, dir.root, task, now_ms());
+        let mut record = TaskRecord::new(id, dir.root, task, now_ms());
+        record.idempotency_key = key;
         self.store.put(&record)?;
         tracing::info!(task = %record.id, name = %record.name, "task accepted");
         let handle = Arc::new(TaskHandle::new(record.clone(), false));
@@ -242,7 +290,7 @@ impl Agent {
             .expect("task map poisoned")
             .insert(handle.id.clone(), handle.clone());
         tokio::spawn(worker::drive(self.clone(), handle, worker::Next::Admit));
-        Ok(record)
+        Ok(Submitted::Created(record))
     }
 
     pub fn task(&self, id: &str) -> Option<Arc<TaskHandle>> {

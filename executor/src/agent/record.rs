@@ -168,6 +168,9 @@ pub struct TaskRecord {
     /// cgroup directories the VM runs in.
     #[serde(default)]
     pub cgroups: Vec<PathBuf>,
+    /// The client's `Idempotency-Key` for its submit, if it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl TaskRecord {
@@ -190,6 +193,7 @@ impl TaskRecord {
             stop_requested: None,
             isolation: IsolationReport::new(),
             cgroups: Vec::new(),
+            idempotency_key: None,
         }
     }
 

@@ -16,6 +16,8 @@ use crate::qemu::shim::ShimSpawn;
 
 /// How long qemu gets to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a qemu whose QMP session failed gets to show it is exiting.
+const EXIT_AFTER_QMP: Duration = Duration::from_secs(2);
 
 /// How qemu is started.
 #[derive(Debug, Clone)]
@@ -116,6 +118,15 @@ impl Launch<'_> {
         let qmp = match qmp {
             Ok(q) => q,
             Err(e) => {
+                // qemu that gives up on its own arguments (a host port it
+                // cannot forward, say) opens the socket and exits: QMP then
+                // fails first, but qemu's own message says why.
+                if let Ok(status) = tokio::time::timeout(EXIT_AFTER_QMP, process.wait()).await {
+                    return Err(SuperviseError::EarlyExit {
+                        status: describe_status(status),
+                        log_tail: log_tail(&self.dir.qemu_log(), log_start),
+                    });
+                }
                 process.signal_group(Signal::SIGKILL);
                 let _ = process.wait().await;
                 return Err(e.into());
