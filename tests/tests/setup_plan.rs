@@ -21,7 +21,11 @@ fn repo_root() -> PathBuf {
 /// The recorded status of a new machine, as text.
 fn new_machine_status() -> String {
     let path = repo_root().join("tests/data/setup/dpkg-status-new-machine.gz");
-    let out = Command::new("gzip").arg("-dc").arg(&path).output().expect("run gzip");
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg(&path)
+        .output()
+        .expect("run gzip");
     assert!(out.status.success(), "gzip -dc {}", path.display());
     String::from_utf8(out.stdout).expect("dpkg status is UTF-8")
 }
@@ -30,7 +34,11 @@ fn new_machine_status() -> String {
 fn without_package(status: &str, package: &str) -> String {
     status
         .split("\n\n")
-        .filter(|stanza| !stanza.lines().any(|line| line == format!("Package: {package}")))
+        .filter(|stanza| {
+            !stanza
+                .lines()
+                .any(|line| line == format!("Package: {package}"))
+        })
         .collect::<Vec<_>>()
         .join("\n\n")
 }
@@ -46,9 +54,11 @@ fn installed_stanza(package: &str, version: &str) -> String {
 }
 
 fn installed_version(status: &str, package: &str) -> Option<String> {
-    let stanza = status
-        .split("\n\n")
-        .find(|stanza| stanza.lines().any(|line| line == format!("Package: {package}")))?;
+    let stanza = status.split("\n\n").find(|stanza| {
+        stanza
+            .lines()
+            .any(|line| line == format!("Package: {package}"))
+    })?;
     stanza
         .lines()
         .find_map(|line| line.strip_prefix("Version: "))
@@ -103,7 +113,12 @@ fn resolve(admin: &Path, plan: &[String]) -> Vec<(String, String)> {
     let out = Command::new("apt-get")
         .arg("-s")
         .arg(format!("-oDir::State::status={}", status.display()))
-        .args(["install", "-y", "--no-install-recommends", "--allow-downgrades"])
+        .args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "--allow-downgrades",
+        ])
         .args(plan)
         .output()
         .expect("run apt-get -s");
@@ -135,7 +150,11 @@ fn assert_matching_pair(status: &str, installs: &[(String, String)]) {
             .or_else(|| installed_version(status, package))
             .unwrap_or_else(|| panic!("{package} is neither installed nor planned"))
     };
-    assert_eq!(after("qemu-system-x86"), after("qemu-utils"), "qemu pair after setup");
+    assert_eq!(
+        after("qemu-system-x86"),
+        after("qemu-utils"),
+        "qemu pair after setup"
+    );
 }
 
 fn qemu_entries(plan: &[String]) -> Vec<&String> {
@@ -153,13 +172,23 @@ fn a_new_machine_gets_a_matching_qemu_pair() {
     let admin = admindir(&status);
     let plan = plan(admin.path());
     let want = candidate();
-    assert!(plan.contains(&format!("qemu-system-x86={want}")), "{plan:?}");
+    assert!(
+        plan.contains(&format!("qemu-system-x86={want}")),
+        "{plan:?}"
+    );
     assert!(plan.contains(&format!("qemu-utils={want}")), "{plan:?}");
     let installs = resolve(admin.path(), &plan);
     assert_matching_pair(&status, &installs);
-    for tool in ["xorriso", "cpio", "protobuf-compiler", "isolinux", "syslinux-common"] {
+    for tool in [
+        "xorriso",
+        "cpio",
+        "protobuf-compiler",
+        "isolinux",
+        "syslinux-common",
+    ] {
         assert!(
-            installs.iter().any(|(name, _)| name == tool) || installed_version(&status, tool).is_some(),
+            installs.iter().any(|(name, _)| name == tool)
+                || installed_version(&status, tool).is_some(),
             "{tool} is neither installed nor planned"
         );
     }
@@ -183,13 +212,17 @@ fn a_matching_pair_is_left_alone() {
         + &installed_stanza("qemu-system-x86", &version);
     let admin = admindir(&status);
     let plan = plan(admin.path());
-    assert!(qemu_entries(&plan).is_empty(), "a matching pair is replanned: {plan:?}");
+    assert!(
+        qemu_entries(&plan).is_empty(),
+        "a matching pair is replanned: {plan:?}"
+    );
 }
 
 #[test]
 fn a_mismatched_pair_is_made_to_match() {
     // The image's qemu-utils 10.x beside an older qemu-system-x86.
-    let status = new_machine_status() + "\n\n" + &installed_stanza("qemu-system-x86", "1:7.2+dfsg-7");
+    let status =
+        new_machine_status() + "\n\n" + &installed_stanza("qemu-system-x86", "1:7.2+dfsg-7");
     let admin = admindir(&status);
     let plan = plan(admin.path());
     assert_eq!(qemu_entries(&plan).len(), 2, "{plan:?}");
