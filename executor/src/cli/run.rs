@@ -28,6 +28,11 @@ pub struct RunArgs {
     /// FILE or FILE=SETTINGS_JSON. Repeatable; order matters.
     #[arg(long = "policy", value_name = "FILE[=SETTINGS_JSON]")]
     pub policies: Vec<String>,
+    /// A directory `file://` image sources may be read from, besides
+    /// `[fetch] file_dirs`. Repeatable. None by default: the task file may
+    /// not be the operator's (CI), and `run` often runs as root.
+    #[arg(long = "allow-file-dir", value_name = "DIR")]
+    pub file_dirs: Vec<PathBuf>,
 }
 
 pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
@@ -61,8 +66,14 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
         }
     };
     let probe = super::probe(global, &config);
+    let fetcher = args
+        .file_dirs
+        .iter()
+        .try_fold(Fetcher::new(config.fetch.clone())?, |f, dir| {
+            std::path::absolute(dir).map(|dir| f.granting(dir))
+        })?;
     let runner = Runner {
-        fetcher: Fetcher::new(config.fetch.clone())?,
+        fetcher,
         cache: super::open_cache(global)?,
         state_dir: global.state_dir(),
         chain,

@@ -123,7 +123,7 @@ pub async fn start(plugin: &Plugin, config: TaskConfig) -> Result<TaskHandle, St
     }
 
     let fetched = tokio::select! {
-        fetched = fetch(&host, &plugin.events, &subject, &task, &key) => fetched,
+        fetched = fetch(&host, &plugin.events, &subject, &task, &key, &task_dir) => fetched,
         // Nomad is stopping its plugins: it will start the task again on
         // the next one.
         _ = plugin.shutdown.cancelled() => Err(shutting_down()),
@@ -241,6 +241,7 @@ async fn fetch(
     subject: &Subject,
     task: &policy_sdk::Task,
     key: &str,
+    task_dir: &std::path::Path,
 ) -> Result<crate::fetch::Fetched, Status> {
     let runner = &host.runner;
     let observer: crate::fetch::ProgressObserver = {
@@ -268,6 +269,7 @@ async fn fetch(
     };
     let fetched = runner
         .fetcher
+        .granting(task_dir) // the task's own directory, where its artifacts land
         .observed(observer)
         .fetch_leased(
             &runner.cache,
