@@ -14,10 +14,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // The whole chain, so the cause of a cause is never lost.
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            cli::print_error(err.as_ref());
             ExitCode::from(cli::EXIT_ERROR)
         }
     }
