@@ -513,15 +513,25 @@ impl Ticker {
         let thread = std::thread::Builder::new()
             .name("policy-epoch".into())
             .spawn(move || {
+                let mut next = Instant::now() + EPOCH_TICK;
                 while !shared.stop.load(Ordering::Acquire) {
                     if shared.running.load(Ordering::Acquire) == 0 {
                         std::thread::park();
+                        next = Instant::now() + EPOCH_TICK;
                         continue;
                     }
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep(next - now);
+                        continue;
+                    }
+                    let Some(engine) = weak.upgrade() else { break };
+                    // One tick per EPOCH_TICK of wall time, however late
+                    // this thread woke: a sleep that overshoots (a busy
+                    // host) must not stretch every time limit with it.
+                    while next <= now {
+                        engine.increment_epoch();
+                        next += EPOCH_TICK;
                     }
                 }
             });
