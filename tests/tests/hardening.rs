@@ -308,7 +308,11 @@ fn memory_the_time_limit_cannot_bound_is_refused() {
 
 #[test]
 fn a_settings_error_is_cut_like_a_reason() {
-    let (out, _) = check_hostile(r#"{"mode": "huge-settings-error"}"#, &[]);
+    // Time and memory to spare for writing 20 MiB: the cut is what counts.
+    let (out, _) = check_hostile(
+        r#"{"mode": "huge-settings-error"}"#,
+        &["--time-limit-ms", "2000", "--memory-limit-mb", "256"],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let err = stderr(&out);
     assert!(err.len() < 8192, "{} bytes of error", err.len());

@@ -262,17 +262,17 @@ impl Chain {
             let mut changed = false;
             for (i, policy) in self.policies.iter().enumerate() {
                 current.store(i, Ordering::Release);
-                match self.step(policy, pass, &task, facts) {
-                    Ok((step, rewritten)) => {
-                        steps.push(step);
-                        if let Some(rewritten) = rewritten.filter(|t| **t != task) {
-                            changed = true;
-                            last_rewriter.clone_from(&policy.name);
-                            task = *rewritten;
-                        }
+                let (step, verdict) = self.step(policy, pass, &task, facts);
+                steps.push(step);
+                match verdict {
+                    Verdict::Accepted => {}
+                    Verdict::Rewritten(rewritten) if *rewritten == task => {}
+                    Verdict::Rewritten(rewritten) => {
+                        changed = true;
+                        last_rewriter.clone_from(&policy.name);
+                        task = *rewritten;
                     }
-                    Err((step, reason, fault)) => {
-                        steps.push(step);
+                    Verdict::Refused { reason, fault } => {
                         return rejected(policy.name.clone(), reason, fault, steps);
                     }
                 }
@@ -292,17 +292,14 @@ impl Chain {
         rejected(last_rewriter, reason, false, steps)
     }
 
-    /// One policy on the task: its step, and the rewritten task if it
-    /// rewrote; or its step and why the task is rejected, and whether the
-    /// policy failed.
-    #[allow(clippy::type_complexity)]
+    /// One policy on the task: its step, and what it made of the task.
     fn step(
         &self,
         policy: &LoadedPolicy,
         pass: u32,
         task: &Task,
         facts: &HostFacts,
-    ) -> Result<(Step, Option<Box<Task>>), (Step, String, bool)> {
+    ) -> (Step, Verdict) {
         let started = Instant::now();
         let result = policy.evaluate(task, facts);
         let elapsed = started.elapsed();
@@ -318,14 +315,20 @@ impl Chain {
         match result {
             Ok(Decision::Accept) => {
                 tracing::debug!(policy = %name, task = %task.name, pass, elapsed_us = elapsed.as_micros() as u64, "Policy accepted");
-                Ok((step, None))
+                (step, Verdict::Accepted)
             }
             Ok(Decision::Reject { reason }) => {
                 let reason = given_reason(&reason);
                 tracing::info!(policy = %name, task = %task.name, pass, reason = %reason, "Policy rejected the task");
                 step.decision = StepDecision::Reject;
                 step.reason = Some(reason.clone());
-                Err((step, reason, false))
+                (
+                    step,
+                    Verdict::Refused {
+                        reason,
+                        fault: false,
+                    },
+                )
             }
             Ok(Decision::Rewrite {
                 task: rewritten,
@@ -335,7 +338,7 @@ impl Chain {
                 step.diff = diff(task, &rewritten);
                 if step.diff.is_empty() && pass > 1 {
                     // A rewrite to the same task accepts it as it is.
-                    return Ok((step, None));
+                    return (step, Verdict::Accepted);
                 }
                 step.decision = StepDecision::Rewrite;
                 step.reason = Some(reason.clone());
@@ -345,18 +348,41 @@ impl Chain {
                 if let Err(problems) = policy_sdk::taskfile::validate(&rewritten) {
                     let reason = format!("its rewrite is not a valid task: {problems}");
                     tracing::warn!(policy = %name, task = %task.name, reason = %reason, "Policy produced an invalid task");
-                    return Err((step, reason, false));
+                    return (
+                        step,
+                        Verdict::Refused {
+                            reason,
+                            fault: false,
+                        },
+                    );
                 }
-                Ok((step, Some(rewritten)))
+                (step, Verdict::Rewritten(rewritten))
             }
             Err(fault) => {
                 tracing::warn!(policy = %name, task = %task.name, %fault, "Policy failed; rejecting the task");
                 step.decision = StepDecision::Fault;
                 step.reason = Some(fault.to_string());
-                Err((step, fault.to_string(), true))
+                (
+                    step,
+                    Verdict::Refused {
+                        reason: fault.to_string(),
+                        fault: true,
+                    },
+                )
             }
         }
     }
+}
+
+/// What one policy made of the task.
+enum Verdict {
+    Accepted,
+    Rewritten(Box<Task>),
+    /// Rejected, or the policy failed (`fault`).
+    Refused {
+        reason: String,
+        fault: bool,
+    },
 }
 
 fn rejected(policy: String, reason: String, fault: bool, steps: Vec<Step>) -> ChainOutcome {
