@@ -3,9 +3,7 @@
 //! the policy's limits.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread::Thread;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy_sdk::{Decision, HostFacts, Metadata, Task};
@@ -14,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::artifacts::{ArtifactCache, Origin, sha256_hex};
 use super::lift::{self, RawDecision};
+use super::ticker::Ticker;
 use super::wasi::{self, GuestState};
 use super::{
     CONTRACT_VERSION, Fault, Limits, MAX_MEMORY_LIMIT, MAX_MODULE_BYTES, PolicyError, PolicySpec,
@@ -31,7 +30,7 @@ pub(crate) use bindings::qemu_executor::policy::types as wit;
 
 /// How often the epoch advances while a policy runs: the granularity of
 /// time limits.
-const EPOCH_TICK: Duration = Duration::from_millis(2);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The exported interface a policy must provide, without its version.
 pub(crate) const EVALUATOR: &str = "qemu-executor:policy/evaluator";
 /// Instances the pooling allocator keeps ready; evaluations beyond this many
@@ -487,93 +486,6 @@ fn deadline_ticks(limit: Duration) -> u64 {
     let tick = EPOCH_TICK.as_nanos();
     let ticks = limit.as_nanos().div_ceil(tick);
     u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
-}
-
-/// Advances the engine's epoch every [`EPOCH_TICK`] while at least one call
-/// into a policy is running, and sleeps otherwise, so that an idle executor
-/// does not wake up hundreds of times a second.
-struct Ticker {
-    thread: OnceLock<Thread>,
-    state: Arc<TickerState>,
-}
-
-struct TickerState {
-    running: AtomicUsize,
-    stop: AtomicBool,
-}
-
-impl Ticker {
-    fn start(engine: &Engine) -> Self {
-        let state = Arc::new(TickerState {
-            running: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
-        });
-        let weak = engine.weak();
-        let shared = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("policy-epoch".into())
-            .spawn(move || {
-                let mut next = Instant::now() + EPOCH_TICK;
-                while !shared.stop.load(Ordering::Acquire) {
-                    if shared.running.load(Ordering::Acquire) == 0 {
-                        std::thread::park();
-                        next = Instant::now() + EPOCH_TICK;
-                        continue;
-                    }
-                    let now = Instant::now();
-                    if now < next {
-                        std::thread::sleep(next - now);
-                        continue;
-                    }
-                    let Some(engine) = weak.upgrade() else { break };
-                    // One tick per EPOCH_TICK of wall time, however late
-                    // this thread woke: a sleep that overshoots (a busy
-                    // host) must not stretch every time limit with it.
-                    while next <= now {
-                        engine.increment_epoch();
-                        next += EPOCH_TICK;
-                    }
-                }
-            });
-        let cell = OnceLock::new();
-        match thread {
-            Ok(handle) => {
-                let _ = cell.set(handle.thread().clone());
-            }
-            // Without a ticker no deadline fires; every call then relies on
-            // the host-side backstop in the chain. Say so loudly.
-            Err(err) => tracing::error!(error = %err, "Cannot start the policy epoch ticker"),
-        }
-        Ticker {
-            thread: cell,
-            state,
-        }
-    }
-
-    /// Marks a call as running until the guard drops.
-    fn running(&self) -> RunningGuard<'_> {
-        if self.state.running.fetch_add(1, Ordering::AcqRel) == 0
-            && let Some(thread) = self.thread.get()
-        {
-            thread.unpark();
-        }
-        RunningGuard(self)
-    }
-
-    fn stop(&self) {
-        self.state.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.get() {
-            thread.unpark();
-        }
-    }
-}
-
-struct RunningGuard<'a>(&'a Ticker);
-
-impl Drop for RunningGuard<'_> {
-    fn drop(&mut self) {
-        self.0.state.running.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 #[cfg(test)]

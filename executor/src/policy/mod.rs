@@ -22,6 +22,7 @@ pub mod diff;
 mod host;
 mod inspect;
 mod lift;
+mod ticker;
 mod wasi;
 
 use std::fmt;
