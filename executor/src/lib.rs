@@ -21,17 +21,21 @@ pub mod policy;
 pub mod qemu;
 pub mod readiness;
 pub mod task;
+pub mod text;
 pub mod units;
 pub mod vm;
 
 /// An error and its causes on one line, `outer: cause: root cause`, for
-/// log fields (the binary prints the chain one cause per line instead).
+/// log fields and messages to Nomad (the binary prints the chain one cause
+/// per line instead). Control characters are escaped: a URL or a server's
+/// answer inside a message must not reach a terminal or a log raw.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = write!(out, "{}", text::Printable(&err.to_string()));
     let mut cause = err.source();
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        let _ = write!(out, ": {}", text::Printable(&c.to_string()));
         cause = c.source();
     }
     out

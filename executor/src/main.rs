@@ -14,10 +14,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             // The whole chain, so the cause of a cause is never lost.
-            qemu_executor::eprint_line!("error: {err}");
-            for cause in err.chain().skip(1) {
-                qemu_executor::eprint_line!("  caused by: {cause}");
-            }
+            cli::print_error(err.as_ref());
             qemu_executor::launch::Exit::ERROR.into()
         }
     }

@@ -287,10 +287,7 @@ fn sha256_pin_mismatch_names_both_digests() {
 fn per_policy_limits_apply() {
     let s = setup();
     let mut quick = hostile("loop");
-    quick.limits = Limits {
-        time: Duration::from_millis(20),
-        ..Limits::default()
-    };
+    quick.limits = Limits::with_time(Duration::from_millis(20));
     let chain = Chain::load(&s.engine, &[quick]).unwrap();
     let started = Instant::now();
     let outcome = chain.evaluate_blocking(task(), &default_facts());
@@ -346,4 +343,98 @@ fn non_components_are_refused_clearly() {
         .err()
         .expect("refused");
     assert!(matches!(missing, PolicyError::Read { .. }), "{missing}");
+}
+
+#[test]
+fn a_later_rewrite_cannot_undo_an_earlier_check() {
+    let s = setup();
+    let chain = Chain::load(
+        &s.engine,
+        &[
+            spec(
+                "image-allowlist",
+                r#"{"hosts": ["images.example.org"], "algorithms": ["sha256"]}"#,
+            ),
+            spec(
+                "rewriter",
+                r#"{"image_source": "https://169.254.169.254/latest/meta-data"}"#,
+            ),
+        ],
+    )
+    .unwrap();
+    let outcome = chain.evaluate_blocking(task(), &default_facts());
+    let ChainOutcome::Rejected {
+        policy,
+        fault,
+        steps,
+        ..
+    } = &outcome
+    else {
+        panic!("the rewrite slipped past the allowlist: {outcome:?}");
+    };
+    assert_eq!((policy.as_str(), *fault), ("image-allowlist", false));
+    let trail: Vec<(&str, u32, StepDecision)> = steps
+        .iter()
+        .map(|s| (s.policy.as_str(), s.pass, s.decision))
+        .collect();
+    use StepDecision::*;
+    assert_eq!(
+        trail,
+        [
+            ("image-allowlist", 1, Accept),
+            ("rewriter", 1, Rewrite),
+            ("image-allowlist", 2, Reject)
+        ]
+    );
+}
+
+#[test]
+fn rewrites_that_settle_are_admitted_and_a_tug_of_war_is_not() {
+    let s = setup();
+    // The clamp and the rewriter agree once the port is in range: the
+    // second pass only confirms, and adds no steps.
+    let settles = Chain::load(
+        &s.engine,
+        &[
+            spec("port-range", r#"{"min":20000,"max":30000,"mode":"clamp"}"#),
+            spec("rewriter", r#"{"host_port": 25000}"#),
+        ],
+    )
+    .unwrap();
+    let outcome = settles.evaluate_blocking(task(), &default_facts());
+    let ChainOutcome::Accepted { task: out, steps } = &outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(out.ports[0].host, 25000);
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    assert!(steps.iter().all(|s| s.pass == 1));
+
+    // Each undoes the other: rejected after the last pass.
+    let fights = Chain::load(
+        &s.engine,
+        &[
+            spec("port-range", r#"{"min":20000,"max":30000,"mode":"clamp"}"#),
+            spec("rewriter", r#"{"host_port": 40000}"#),
+        ],
+    )
+    .unwrap();
+    let outcome = fights.evaluate_blocking(task(), &default_facts());
+    let ChainOutcome::Rejected {
+        policy,
+        reason,
+        steps,
+        ..
+    } = &outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(policy, "rewriter");
+    assert!(
+        reason.contains(&format!(
+            "still rewrite the task after {} passes",
+            qemu_executor::policy::MAX_PASSES
+        )),
+        "{reason}"
+    );
+    assert_eq!(steps.len(), 6, "{steps:?}");
 }

@@ -171,6 +171,8 @@ async fn launch(agent: &Agent, handle: &TaskHandle) -> Next {
         exit_record: Some(agent.exit_record_path(&handle.id)),
         // The agent keeps the logs in the task directory only.
         forwards: Vec::new(),
+        // Only the operator's `[fetch] file_dirs`.
+        file_dir: None,
     };
     let mut on_event = |event: Event<'_>| record_event(agent, handle, event);
     let admitted = match Admitted::of(record.effective_task().clone(), &pipeline.config) {

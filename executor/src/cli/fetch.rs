@@ -23,7 +23,16 @@ pub struct FetchArgs {
 pub async fn run(args: FetchArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
     let config = super::load_config(global)?;
     let cache = super::open_cache(global)?;
-    let fetcher = Fetcher::new(config.fetch)?;
+    // The URL is the operator's own, typed on the command line: a local
+    // file named here may be read, wherever it is.
+    let mut fetcher = Fetcher::new(config.fetch)?;
+    let named = reqwest::Url::parse(&args.url)
+        .ok()
+        .filter(|u| u.scheme() == "file")
+        .and_then(|u| u.to_file_path().ok());
+    if let Some(path) = named {
+        fetcher = fetcher.granting(path);
+    }
     let fetched = tokio::select! {
         fetched = fetcher.fetch(&cache, &args.url, &args.checksum) => fetched?,
         // Returning drops the download, and with it the partial file.

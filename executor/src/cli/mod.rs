@@ -23,13 +23,15 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
-/// Prints a line on stdout for the person running us. A closed stdout (a
+/// Prints a line on stdout for the person running us, control characters
+/// escaped (lines carry task fields and policy output). A closed stdout (a
 /// pipe whose reader went away) must not abort a VM's supervision halfway,
 /// so write errors are ignored.
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
+        let line = format!($($arg)*);
+        let _ = writeln!(std::io::stdout(), "{}", qemu_executor::text::Printable(&line));
     }};
 }
 pub(crate) use say;
@@ -109,17 +111,32 @@ pub enum Command {
 }
 
 impl GlobalOpts {
+    /// `--state-dir` or the default, made absolute against the working
+    /// directory now: qemu gets paths below it on its command line.
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(qemu_executor::dirs::default_state_dir)
+        absolute(
+            self.state_dir
+                .clone()
+                .unwrap_or_else(qemu_executor::dirs::default_state_dir),
+        )
     }
 
+    /// `--cache-dir` or the default, made absolute against the working
+    /// directory now: qemu opens cached images by their path, and refuses a
+    /// relative one only after the whole download.
     pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(qemu_executor::dirs::default_cache_dir)
+        absolute(
+            self.cache_dir
+                .clone()
+                .unwrap_or_else(qemu_executor::dirs::default_cache_dir),
+        )
     }
+}
+
+/// `path` joined to the working directory when relative (`..` and symlinks
+/// left as they are); as it is if the working directory is gone.
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -235,12 +252,14 @@ pub async fn load_chain(
     Ok(chain)
 }
 
-/// Prints an error with its whole chain of causes, as `main` does.
+/// Prints an error with its whole chain of causes, as `main` does, control
+/// characters escaped (messages carry URLs and servers' answers).
 pub fn print_error(err: &dyn std::error::Error) {
-    qemu_executor::eprint_line!("error: {err}");
+    use qemu_executor::text::Printable;
+    qemu_executor::eprint_line!("error: {}", Printable(&err.to_string()));
     let mut cause = err.source();
     while let Some(c) = cause {
-        qemu_executor::eprint_line!("  caused by: {c}");
+        qemu_executor::eprint_line!("  caused by: {}", Printable(&c.to_string()));
         cause = c.source();
     }
 }

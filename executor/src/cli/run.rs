@@ -31,6 +31,11 @@ pub struct RunArgs {
     /// FILE or FILE=SETTINGS_JSON. Repeatable; order matters.
     #[arg(long = "policy", value_name = "FILE[=SETTINGS_JSON]")]
     pub policies: Vec<String>,
+    /// A directory `file://` image sources may be read from, besides
+    /// `[fetch] file_dirs`. Repeatable. None by default: the task file may
+    /// not be the operator's (CI), and `run` often runs as root.
+    #[arg(long = "allow-file-dir", value_name = "DIR")]
+    pub file_dirs: Vec<PathBuf>,
 }
 
 pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
@@ -63,11 +68,17 @@ pub async fn run(args: RunArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
             return Ok(report(&e, code));
         }
     };
+    let fetcher = args
+        .file_dirs
+        .iter()
+        .try_fold(Fetcher::new(config.fetch.clone())?, |f, dir| {
+            std::path::absolute(dir).map(|dir| f.granting(dir))
+        })?;
     let pipeline = Pipeline {
         seam: LiveSeam {
             probe: super::probe(global, &config),
             chain,
-            fetcher: Fetcher::new(config.fetch.clone())?,
+            fetcher,
             cache: super::open_cache(global)?,
         },
         state_dir: global.state_dir(),
@@ -113,6 +124,8 @@ async fn run_task(
         dir,
         exit_record: None,
         forwards: Vec::new(),
+        // What `--allow-file-dir` opens is in the fetcher already.
+        file_dir: None,
     };
     let checksum = admitted.task.checksum.clone();
     let prepared = pipeline

@@ -1,5 +1,6 @@
 //! The `[fetch]` section of the operator's configuration.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,13 @@ pub struct FetchConfig {
     pub retry_base_delay_ms: u64,
     /// Upper bound of the delay between tries. Default 30 000 ms.
     pub retry_max_delay_ms: u64,
+    /// Directories `file://` image sources may be read from, absolute.
+    /// A source must lie inside one of them once symlinks and `..` are
+    /// resolved; anything else is refused before it is opened. Default:
+    /// none, so `file://` sources are refused: the executor runs as root,
+    /// and a task must not be able to read `/etc/shadow` or another
+    /// tenant's disk through it.
+    pub file_dirs: Vec<PathBuf>,
 }
 
 impl Default for FetchConfig {
@@ -50,6 +58,7 @@ impl Default for FetchConfig {
             max_attempts: 5,
             retry_base_delay_ms: 1_000,
             retry_max_delay_ms: 30_000,
+            file_dirs: Vec::new(),
         }
     }
 }
@@ -94,6 +103,12 @@ impl FetchConfig {
         if self.retry_base_delay_ms > self.retry_max_delay_ms {
             return fail("retry_base_delay_ms", "must not exceed retry_max_delay_ms");
         }
+        if let Some(dir) = self.file_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(FetchConfigError {
+                field: "file_dirs",
+                problem: format!("{:?} is not an absolute path", dir.display()),
+            });
+        }
         Ok(())
     }
 
@@ -116,6 +131,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.max_image_size.0, 64 << 30);
         assert_eq!(c.max_redirects, 5);
+        assert!(c.file_dirs.is_empty(), "file:// is closed unless opened");
     }
 
     #[test]
@@ -140,6 +156,7 @@ mod tests {
                 "retry_base_delay_ms = 5000\nretry_max_delay_ms = 10",
                 "retry_base_delay_ms",
             ),
+            ("file_dirs = [\"/srv/images\", \"images\"]", "file_dirs"),
         ];
         for (text, field) in bad {
             let c: FetchConfig = toml::from_str(text).unwrap();

@@ -136,6 +136,18 @@ pub enum FetchError {
     },
     #[error("Image source {path} is not a regular file")]
     SourceNotFile { path: PathBuf },
+    #[error(
+        "Image source {url} is a local file, and no directory is open to file:// sources here (fetch.file_dirs)"
+    )]
+    FileSourcesClosed { url: String },
+    #[error(
+        "Image source {url} is outside the directories file:// sources may be read from (fetch.file_dirs)"
+    )]
+    FileOutside { url: String },
+    /// A local file's digest is not shown: it would tell whoever wrote the
+    /// task the digest of a file they may not read.
+    #[error("Checksum mismatch for {url}: the file does not have {expected}")]
+    LocalMismatch { url: String, expected: Checksum },
     #[error("Giving up on {url} after {attempts} attempts")]
     Exhausted {
         url: String,
@@ -188,6 +200,9 @@ pub struct Fetched {
 pub struct Fetcher {
     inner: Arc<Inner>,
     observer: Option<ProgressObserver>,
+    /// Where `file://` sources may be read from: `fetch.file_dirs`, and
+    /// whatever [`Fetcher::granting`] added for this clone.
+    file_dirs: Arc<[PathBuf]>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -195,6 +210,7 @@ impl std::fmt::Debug for Fetcher {
         f.debug_struct("Fetcher")
             .field("inner", &self.inner)
             .field("observed", &self.observer.is_some())
+            .field("file_dirs", &self.file_dirs)
             .finish()
     }
 }
@@ -209,9 +225,11 @@ impl Fetcher {
     pub fn new(config: FetchConfig) -> Result<Fetcher, FetchError> {
         config.validate()?;
         let client = http::client(&config).map_err(FetchError::Client)?;
+        let file_dirs = config.file_dirs.clone().into();
         Ok(Fetcher {
             inner: Arc::new(Inner { config, client }),
             observer: None,
+            file_dirs,
         })
     }
 
@@ -219,8 +237,22 @@ impl Fetcher {
     /// so far, total when known), as often as it logs them.
     pub fn observed(&self, observer: ProgressObserver) -> Fetcher {
         Fetcher {
-            inner: self.inner.clone(),
             observer: Some(observer),
+            ..self.clone()
+        }
+    }
+
+    /// This fetcher, also allowed to read `file://` sources at or below
+    /// `path`, a directory or file the caller vouches for: the Nomad task's
+    /// own directory, where its artifacts land, or the file the operator
+    /// named on the command line. The same resolution applies as to
+    /// `fetch.file_dirs`.
+    pub fn granting(&self, path: impl Into<PathBuf>) -> Fetcher {
+        let mut file_dirs = self.file_dirs.to_vec();
+        file_dirs.push(path.into());
+        Fetcher {
+            file_dirs: file_dirs.into(),
+            ..self.clone()
         }
     }
 
@@ -236,7 +268,7 @@ impl Fetcher {
         source: &str,
         checksum: &Checksum,
     ) -> Result<Fetched, FetchError> {
-        let span = tracing::info_span!("fetch", source = %source, checksum = %checksum);
+        let span = tracing::info_span!("fetch", source = %crate::text::Printable(source), checksum = %checksum);
         self.fetch_inner(cache, source, checksum)
             .instrument(span)
             .await
@@ -280,6 +312,11 @@ impl Fetcher {
         checksum: &Checksum,
     ) -> Result<Fetched, FetchError> {
         let url = parse_source(source)?;
+        let local = url.scheme() == "file";
+        // A refused source is refused even when its checksum is cached.
+        if local {
+            local::resolve(&self.file_dirs, &url)?;
+        }
         if let Some(hit) = cache.lookup(checksum)? {
             tracing::info!(path = %hit.path.display(), size = hit.size, body_bytes = 0, "Image found in the cache");
             return Ok(hit_result(hit));
@@ -295,8 +332,16 @@ impl Fetcher {
         tracing::debug!(temp = %temp.path().display(), "Downloading into the cache");
         let sink = Sink::new(temp, Hasher::new(checksum.algorithm));
         let started = std::time::Instant::now();
-        let (sink, body_bytes) = if url.scheme() == "file" {
-            local::copy(&self.inner.config, cache, &url, sink, self.observer.clone()).await?
+        let (sink, body_bytes) = if local {
+            local::copy(
+                &self.inner.config,
+                &self.file_dirs,
+                cache,
+                &url,
+                sink,
+                self.observer.clone(),
+            )
+            .await?
         } else {
             http::Download::new(
                 &self.inner,
@@ -323,6 +368,12 @@ impl Fetcher {
                 dir: tmp_dir,
                 source,
             })?;
+        if digest != checksum.digest && local {
+            return Err(FetchError::LocalMismatch {
+                url: source.to_string(),
+                expected: checksum.clone(),
+            });
+        }
         if digest != checksum.digest {
             // `temp` is dropped on return, and its file with it.
             return Err(FetchError::Mismatch {
@@ -426,7 +477,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (url, sum) = local_image(dir.path(), 5 << 20);
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
-        let fetcher = Fetcher::new(FetchConfig::default()).unwrap();
+        let fetcher = Fetcher::new(FetchConfig::default())
+            .unwrap()
+            .granting(dir.path());
         let fetches = (0..4).map(|_| {
             let (f, c, u, s) = (fetcher.clone(), cache.clone(), url.clone(), sum.clone());
             tokio::spawn(async move { f.fetch(&c, &u, &s).await.unwrap() })
@@ -445,7 +498,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (url, sum) = local_image(dir.path(), 10_000);
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
-        let fetcher = Fetcher::new(FetchConfig::default()).unwrap();
+        let fetcher = Fetcher::new(FetchConfig::default())
+            .unwrap()
+            .granting(dir.path());
         let (fetched, lease) = fetcher
             .fetch_leased(&cache, &url, &sum, "task-1", std::process::id())
             .await
@@ -457,6 +512,76 @@ mod tests {
         lease.release().unwrap();
         assert_eq!(cache.gc(Some(0)).unwrap().evicted.len(), 1);
         assert!(!fetched.path.exists());
+    }
+
+    /// A secret outside the allowed directory, reached directly, through
+    /// `..`, and through a symlink planted inside it.
+    #[tokio::test]
+    async fn file_sources_stay_inside_the_allowed_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("images");
+        std::fs::create_dir(&allowed).unwrap();
+        let (secret_url, secret_sum) = local_image(dir.path(), 1000);
+        let secret = secret_url.trim_start_matches("file://").to_string();
+        std::os::unix::fs::symlink(&secret, allowed.join("link.img")).unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let closed = Fetcher::new(FetchConfig::default()).unwrap();
+        let err = closed
+            .fetch(&cache, &secret_url, &secret_sum)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::FileSourcesClosed { .. }), "{err}");
+        let config = FetchConfig {
+            file_dirs: vec![allowed.clone()],
+            ..FetchConfig::default()
+        };
+        let open = Fetcher::new(config).unwrap();
+        for url in [
+            secret_url.clone(),
+            format!("file://{}/../local.img", allowed.display()),
+            format!("file://{}/link.img", allowed.display()),
+            // Whether a file exists outside is not told either.
+            format!("file://{}/nothing.img", dir.path().display()),
+        ] {
+            let err = open.fetch(&cache, &url, &secret_sum).await.unwrap_err();
+            assert!(
+                matches!(err, FetchError::FileOutside { .. }),
+                "{url}: {err}"
+            );
+        }
+        // Nothing was copied, and a cached entry does not make it pass.
+        assert!(cache.lookup(&secret_sum).unwrap().is_none());
+        let granted = closed.granting(dir.path());
+        granted
+            .fetch(&cache, &secret_url, &secret_sum)
+            .await
+            .unwrap();
+        let err = open
+            .fetch(&cache, &secret_url, &secret_sum)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FetchError::FileOutside { .. }), "{err}");
+        // Inside, the reason a read fails is told.
+        let missing = format!("file://{}/missing.img", allowed.display());
+        let err = open.fetch(&cache, &missing, &secret_sum).await.unwrap_err();
+        assert!(matches!(err, FetchError::ReadSource { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_local_mismatch_does_not_show_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, sum) = local_image(dir.path(), 1000);
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let fetcher = Fetcher::new(FetchConfig::default())
+            .unwrap()
+            .granting(dir.path());
+        let wrong: Checksum = "md5:0123456789abcdef0123456789abcdef".parse().unwrap();
+        let err = fetcher.fetch(&cache, &url, &wrong).await.unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, FetchError::LocalMismatch { .. }), "{message}");
+        assert!(!message.contains(&sum.digest), "{message}");
+        assert!(!message.contains("1000"), "{message}");
+        assert!(cache.lookup(&wrong).unwrap().is_none());
     }
 
     #[test]

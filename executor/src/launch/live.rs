@@ -50,12 +50,16 @@ impl Seam for LiveSeam {
         source: &str,
         checksum: &Checksum,
         holder: &str,
+        file_dir: Option<&Path>,
         progress: Option<ProgressObserver>,
     ) -> Result<Fetched, FetchError> {
-        let fetcher = match progress {
+        let mut fetcher = match progress {
             Some(observer) => self.fetcher.observed(observer),
             None => self.fetcher.clone(),
         };
+        if let Some(dir) = file_dir {
+            fetcher = fetcher.granting(dir);
+        }
         // The lease stays on disk when its handle drops, until
         // `release_lease`: a VM outlives the call that fetched its image.
         let (fetched, _lease) = fetcher

@@ -103,6 +103,10 @@ pub struct Placement {
     pub exit_record: Option<PathBuf>,
     /// Logs the shim copies while qemu runs (Nomad's FIFOs).
     pub forwards: Vec<Forward>,
+    /// A directory the front end vouches for, from which the task may read
+    /// a `file://` image besides the operator's `[fetch] file_dirs`: a
+    /// Nomad task's own directory, where its artifacts land.
+    pub file_dir: Option<PathBuf>,
 }
 
 /// A task ready to boot.
@@ -193,7 +197,7 @@ impl<S: Seam> Pipeline<S> {
         })?;
         let key = dir.key();
         let image = tokio::select! {
-            fetched = self.seam.fetch(&task.image_source, &task.checksum, &key, progress) => fetched?,
+            fetched = self.seam.fetch(&task.image_source, &task.checksum, &key, placement.file_dir.as_deref(), progress) => fetched?,
             _ = stop.requested() => return Err(LaunchError::Interrupted),
         };
         on_event(Event::Image(&image));

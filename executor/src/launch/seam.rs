@@ -30,12 +30,14 @@ pub trait Seam: Send + Sync {
     fn qemu(&self) -> impl Future<Output = Result<QemuInfo, FingerprintError>> + Send;
 
     /// Fetches the image into the cache and leases it to `holder` (the
-    /// task directory's name) until [`Seam::release_lease`].
+    /// task directory's name) until [`Seam::release_lease`]; a `file://`
+    /// source may also be read from `file_dir`.
     fn fetch(
         &self,
         source: &str,
         checksum: &Checksum,
         holder: &str,
+        file_dir: Option<&std::path::Path>,
         progress: Option<ProgressObserver>,
     ) -> impl Future<Output = Result<Fetched, FetchError>> + Send;
 

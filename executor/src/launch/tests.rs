@@ -149,6 +149,7 @@ impl Seam for FakeSeam {
         source: &str,
         _checksum: &Checksum,
         holder: &str,
+        _file_dir: Option<&Path>,
         _progress: Option<ProgressObserver>,
     ) -> Result<Fetched, FetchError> {
         self.log.lock().unwrap().push(format!("fetch {source}"));
@@ -324,6 +325,7 @@ async fn run(
         dir: dir.clone(),
         exit_record: None,
         forwards: Vec::new(),
+        file_dir: None,
     };
     let checksum = admitted.task.checksum.clone();
     let holdings = Holdings {

@@ -291,7 +291,21 @@ pub fn resolve_image_path(task_dir: &Path, path: &str) -> Result<PathBuf, TaskCo
             format!("{path:?} must be a path inside the task directory, without '..'"),
         ));
     }
-    Ok(task_dir.join(relative))
+    let joined = task_dir.join(relative);
+    // A symlink among the artifacts must not lead the plugin, as root, to
+    // hash or copy a file elsewhere (the fetch checks again when it opens
+    // the file; this keeps the digest of the first read confined too).
+    if let (Ok(real), Ok(root)) = (
+        std::fs::canonicalize(&joined),
+        std::fs::canonicalize(task_dir),
+    ) && !real.starts_with(&root)
+    {
+        return Err(field(
+            "image_path",
+            format!("{path:?} leads outside the task directory through a symlink"),
+        ));
+    }
+    Ok(joined)
 }
 
 #[cfg(test)]
@@ -383,6 +397,31 @@ mod tests {
             config.image_path = Some(bad.into());
             let err = to_task(config.clone(), &alloc(&[], "")).unwrap_err();
             assert!(err.to_string().contains("image_path"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn image_path_symlinks_stay_in_the_task_directory() {
+        let alloc_dir = tempfile::tempdir().unwrap();
+        let task_dir = alloc_dir.path().join("web");
+        std::fs::create_dir_all(task_dir.join("local")).unwrap();
+        std::fs::write(alloc_dir.path().join("other.img"), b"other tenant").unwrap();
+        std::fs::write(task_dir.join("local/own.img"), b"own").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", task_dir.join("local/shadow.img")).unwrap();
+        std::os::unix::fs::symlink("../../other.img", task_dir.join("local/other.img")).unwrap();
+        std::os::unix::fs::symlink("own.img", task_dir.join("local/alias.img")).unwrap();
+        for bad in ["local/shadow.img", "local/other.img"] {
+            let err = resolve_image_path(&task_dir, bad).unwrap_err();
+            assert!(
+                err.to_string().contains("through a symlink"),
+                "{bad}: {err}"
+            );
+        }
+        for good in ["local/own.img", "local/alias.img"] {
+            assert_eq!(
+                resolve_image_path(&task_dir, good).unwrap(),
+                task_dir.join(good)
+            );
         }
     }
 

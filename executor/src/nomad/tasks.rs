@@ -3,6 +3,7 @@
 //! (`WaitTask` may ask many times); what it left behind is cleaned up when
 //! it ends, and its directory when Nomad destroys it.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -216,6 +217,9 @@ pub fn placement(configured: &Configured, config: &TaskConfig, dir: &TaskDir) ->
             &dir.key(),
         )),
         forwards,
+        // The task's own directory, where its artifacts land; nothing of
+        // other allocations.
+        file_dir: Some(PathBuf::from(&config.alloc_dir).join(&config.name)),
     }
 }
 

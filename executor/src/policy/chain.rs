@@ -1,6 +1,8 @@
 //! The operator's policies in order: each sees the previous one's output,
 //! the first reject stops the chain, and a rewritten task must pass the same
-//! validation as a task file.
+//! validation as a task file. As with admission control in Kubernetes, the
+//! chain runs again while a pass changes the task, so that every policy
+//! accepts the task as it will run.
 
 use std::fmt;
 use std::sync::Arc;
@@ -105,10 +107,18 @@ impl fmt::Display for ChainOutcome {
     }
 }
 
+/// Full passes over the chain before a task that still changes is refused.
+/// Two suffice for policies that each settle on their own output (a clamp,
+/// a fallback); the third lets one rewrite follow from another's.
+pub const MAX_PASSES: u32 = 3;
+
 /// What one policy did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Step {
     pub policy: String,
+    /// The pass over the chain this step belongs to, from 1 (see
+    /// [`MAX_PASSES`]).
+    pub pass: u32,
     pub decision: StepDecision,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -230,69 +240,149 @@ impl Chain {
         self.run(task, facts, &AtomicUsize::new(0))
     }
 
-    fn backstop(&self) -> Duration {
+    /// How long [`Chain::evaluate`] waits before it answers that a policy
+    /// is stuck: twice the longest a whole evaluation can take (every pass,
+    /// each call within twice its time limit: see `docs/policies.md`),
+    /// plus a second.
+    pub fn backstop(&self) -> Duration {
         let total: Duration = self.policies.iter().map(|p| p.limits.time).sum();
-        total * 4 + Duration::from_secs(2)
+        total * (4 * MAX_PASSES) + Duration::from_secs(1)
     }
 
+    /// Runs the chain over the task until a whole pass leaves it as it is,
+    /// at most [`MAX_PASSES`] times: the task is admitted only when every
+    /// policy accepted it as it will run, so a later policy's rewrite
+    /// cannot slip past an earlier policy's check. A confirming pass adds
+    /// no steps; the steps of a pass that changed or rejected the task do.
     fn run(&self, mut task: Task, facts: &HostFacts, current: &AtomicUsize) -> ChainOutcome {
         let mut steps = Vec::with_capacity(self.policies.len());
-        for (i, policy) in self.policies.iter().enumerate() {
-            current.store(i, Ordering::Release);
-            let started = Instant::now();
-            let result = policy.evaluate(&task, facts);
-            let elapsed = started.elapsed();
-            let name = policy.name.clone();
-            let mut step = Step {
-                policy: name.clone(),
-                decision: StepDecision::Accept,
-                reason: None,
-                diff: Vec::new(),
-                elapsed,
-            };
-            match result {
-                Ok(Decision::Accept) => {
-                    tracing::debug!(policy = %name, task = %task.name, elapsed_us = elapsed.as_micros() as u64, "Policy accepted");
-                    steps.push(step);
-                }
-                Ok(Decision::Reject { reason }) => {
-                    let reason = given_reason(&reason);
-                    tracing::info!(policy = %name, task = %task.name, reason = %reason, "Policy rejected the task");
-                    step.decision = StepDecision::Reject;
-                    step.reason = Some(reason.clone());
-                    steps.push(step);
-                    return rejected(name, reason, false, steps);
-                }
-                Ok(Decision::Rewrite {
-                    task: rewritten,
-                    reason,
-                }) => {
-                    let reason = given_reason(&reason);
-                    step.decision = StepDecision::Rewrite;
-                    step.reason = Some(reason.clone());
-                    step.diff = diff(&task, &rewritten);
-                    for change in &step.diff {
-                        tracing::info!(policy = %name, task = %task.name, change = %change, reason = %reason, "Policy rewrote the task");
+        let mut last_rewriter = String::new();
+        for pass in 1..=MAX_PASSES {
+            let before = steps.len();
+            let mut changed = false;
+            for (i, policy) in self.policies.iter().enumerate() {
+                current.store(i, Ordering::Release);
+                let (step, verdict) = self.step(policy, pass, &task, facts);
+                steps.push(step);
+                match verdict {
+                    Verdict::Accepted => {}
+                    Verdict::Rewritten(rewritten) if *rewritten == task => {}
+                    Verdict::Rewritten(rewritten) => {
+                        changed = true;
+                        last_rewriter.clone_from(&policy.name);
+                        task = *rewritten;
                     }
-                    steps.push(step);
-                    if let Err(problems) = policy_sdk::taskfile::validate(&rewritten) {
-                        let reason = format!("its rewrite is not a valid task: {problems}");
-                        tracing::warn!(policy = %name, task = %task.name, reason = %reason, "Policy produced an invalid task");
-                        return rejected(name, reason, false, steps);
+                    Verdict::Refused { reason, fault } => {
+                        return rejected(policy.name.clone(), reason, fault, steps);
                     }
-                    task = *rewritten;
-                }
-                Err(fault) => {
-                    tracing::warn!(policy = %name, task = %task.name, %fault, "Policy failed; rejecting the task");
-                    step.decision = StepDecision::Fault;
-                    step.reason = Some(fault.to_string());
-                    steps.push(step);
-                    return rejected(name, fault.to_string(), true, steps);
                 }
             }
+            if !changed {
+                if pass > 1 {
+                    steps.truncate(before);
+                }
+                return ChainOutcome::Accepted { task, steps };
+            }
         }
-        ChainOutcome::Accepted { task, steps }
+        let reason = format!(
+            "the policies still rewrite the task after {MAX_PASSES} passes over the chain; \
+             every policy must accept the task as it will run"
+        );
+        tracing::warn!(policy = %last_rewriter, task = %task.name, "Policy chain did not settle");
+        rejected(last_rewriter, reason, false, steps)
     }
+
+    /// One policy on the task: its step, and what it made of the task.
+    fn step(
+        &self,
+        policy: &LoadedPolicy,
+        pass: u32,
+        task: &Task,
+        facts: &HostFacts,
+    ) -> (Step, Verdict) {
+        let started = Instant::now();
+        let result = policy.evaluate(task, facts);
+        let elapsed = started.elapsed();
+        let name = &policy.name;
+        let mut step = Step {
+            policy: name.clone(),
+            pass,
+            decision: StepDecision::Accept,
+            reason: None,
+            diff: Vec::new(),
+            elapsed,
+        };
+        match result {
+            Ok(Decision::Accept) => {
+                tracing::debug!(policy = %name, task = %task.name, pass, elapsed_us = elapsed.as_micros() as u64, "Policy accepted");
+                (step, Verdict::Accepted)
+            }
+            Ok(Decision::Reject { reason }) => {
+                let reason = given_reason(&reason);
+                tracing::info!(policy = %name, task = %task.name, pass, reason = %reason, "Policy rejected the task");
+                step.decision = StepDecision::Reject;
+                step.reason = Some(reason.clone());
+                (
+                    step,
+                    Verdict::Refused {
+                        reason,
+                        fault: false,
+                    },
+                )
+            }
+            Ok(Decision::Rewrite {
+                task: rewritten,
+                reason,
+            }) => {
+                let reason = given_reason(&reason);
+                step.diff = diff(task, &rewritten);
+                if step.diff.is_empty() && pass > 1 {
+                    // A rewrite to the same task accepts it as it is.
+                    return (step, Verdict::Accepted);
+                }
+                step.decision = StepDecision::Rewrite;
+                step.reason = Some(reason.clone());
+                for change in &step.diff {
+                    tracing::info!(policy = %name, task = %task.name, pass, change = %change, reason = %reason, "Policy rewrote the task");
+                }
+                if let Err(problems) = policy_sdk::taskfile::validate(&rewritten) {
+                    let reason = format!("its rewrite is not a valid task: {problems}");
+                    tracing::warn!(policy = %name, task = %task.name, reason = %reason, "Policy produced an invalid task");
+                    return (
+                        step,
+                        Verdict::Refused {
+                            reason,
+                            fault: false,
+                        },
+                    );
+                }
+                (step, Verdict::Rewritten(rewritten))
+            }
+            Err(fault) => {
+                tracing::warn!(policy = %name, task = %task.name, %fault, "Policy failed; rejecting the task");
+                step.decision = StepDecision::Fault;
+                step.reason = Some(fault.to_string());
+                (
+                    step,
+                    Verdict::Refused {
+                        reason: fault.to_string(),
+                        fault: true,
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// What one policy made of the task.
+enum Verdict {
+    Accepted,
+    Rewritten(Box<Task>),
+    /// Rejected, or the policy failed (`fault`).
+    Refused {
+        reason: String,
+        fault: bool,
+    },
 }
 
 fn rejected(policy: String, reason: String, fault: bool, steps: Vec<Step>) -> ChainOutcome {
@@ -326,13 +416,7 @@ pub(crate) fn one_line(text: &str) -> String {
         if !out.is_empty() {
             out.push_str(" / ");
         }
-        for c in line.chars() {
-            if c.is_control() {
-                out.extend(c.escape_default());
-            } else {
-                out.push(c);
-            }
-        }
+        out.push_str(&crate::text::printable(line));
     }
     out
 }
@@ -367,6 +451,7 @@ mod tests {
             .unwrap(),
             steps: vec![Step {
                 policy: "accel-fallback".into(),
+                pass: 1,
                 decision: StepDecision::Rewrite,
                 reason: Some("no KVM".into()),
                 diff: vec![FieldChange {

@@ -42,7 +42,7 @@ pub enum SettingsValue {
 }
 
 /// Per-policy limits; absent fields take the defaults of [`Limits`]
-/// (100 ms, 64 MiB).
+/// (100 ms, 64 MiB; with a time limit under 64 ms, 1 MiB per ms of it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -59,9 +59,13 @@ impl LimitsConfig {
     /// [`Limits::validate`]). `policy check|test|inspect` take the same two
     /// numbers as `--time-limit-ms` and `--memory-limit-mb`.
     pub fn resolve(&self) -> Limits {
-        let defaults = Limits::default();
+        let time = self
+            .time_ms
+            .map_or(Limits::default().time, Duration::from_millis);
+        // Unset memory is the default, or what a short time limit bounds.
+        let defaults = Limits::with_time(time);
         Limits {
-            time: self.time_ms.map_or(defaults.time, Duration::from_millis),
+            time,
             memory: self
                 .memory_mb
                 .map_or(defaults.memory, |mb| mb.saturating_mul(1 << 20)),

@@ -3,20 +3,20 @@
 //! the policy's limits.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread::Thread;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy_sdk::{Decision, HostFacts, Metadata, Task};
-use wasmtime::component::Component;
+use wasmtime::component::{Component, ComponentExportIndex, Instance, InstancePre};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use super::artifacts::{ArtifactCache, Origin, sha256_hex};
+use super::lift::{self, RawDecision};
+use super::ticker::Ticker;
 use super::wasi::{self, GuestState};
 use super::{
-    CONTRACT_VERSION, Fault, Limits, MAX_MEMORY_LIMIT, MAX_MODULE_BYTES, MAX_REASON_BYTES,
-    MAX_TASK_BYTES, PolicyError, PolicySpec, cause,
+    CONTRACT_VERSION, Fault, Limits, MAX_MEMORY_LIMIT, MAX_MODULE_BYTES, PolicyError, PolicySpec,
+    cause,
 };
 
 mod bindings {
@@ -26,13 +26,11 @@ mod bindings {
     });
 }
 
-use bindings::Policy as PolicyBindings;
-pub(crate) use bindings::PolicyPre;
 pub(crate) use bindings::qemu_executor::policy::types as wit;
 
 /// How often the epoch advances while a policy runs: the granularity of
 /// time limits.
-const EPOCH_TICK: Duration = Duration::from_millis(2);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// The exported interface a policy must provide, without its version.
 pub(crate) const EVALUATOR: &str = "qemu-executor:policy/evaluator";
 /// Instances the pooling allocator keeps ready; evaluations beyond this many
@@ -174,52 +172,44 @@ impl PolicyEngine {
         let started = Instant::now();
         let (component, origin) = self.compile(path, &bytes, &digest)?;
         check_contract(&self.inner.engine, &component, path)?;
-        let link = |err| PolicyError::Link {
-            path: path.clone(),
-            source: cause(err),
-        };
+        let exports = Exports::find(&self.inner.engine, &component)
+            .ok_or_else(|| PolicyError::NotAPolicy { path: path.clone() })?;
         let pre = self
             .inner
             .linker
             .instantiate_pre(&component)
-            .map_err(link)?;
-        let pre = PolicyPre::new(pre).map_err(link)?;
-
-        let mut policy = LoadedPolicy {
-            engine: self.clone(),
-            path: path.clone(),
-            sha256: digest,
-            name: String::new(),
-            metadata: Metadata {
-                name: String::new(),
-                version: String::new(),
-                rewrites: false,
-            },
-            settings: spec.settings.clone(),
-            limits: spec.limits,
-            pre,
-        };
+            .map_err(|err| PolicyError::Link {
+                path: path.clone(),
+                source: cause(err),
+            })?;
         let load_fault = |fault| PolicyError::LoadFault {
             path: path.clone(),
             fault,
         };
-        let metadata = policy
-            .call(|store, p| p.call_metadata(store))
-            .map_err(load_fault)?;
-        let metadata = Metadata {
-            name: metadata.name,
-            version: metadata.version,
-            rewrites: metadata.rewrites,
-        };
+        let metadata = read_metadata(self, &pre, exports, spec.limits)
+            .map_err(load_fault)?
+            .map_err(|(function, err)| PolicyError::Signature {
+                path: path.clone(),
+                function,
+                source: cause(err),
+            })?;
         check_metadata(&metadata).map_err(|problem| PolicyError::BadMetadata {
             path: path.clone(),
             problem,
         })?;
-        policy.name = metadata.name.clone();
-        policy.metadata = metadata;
-        let settings = policy.settings.clone();
+        let policy = LoadedPolicy {
+            engine: self.clone(),
+            path: path.clone(),
+            sha256: digest,
+            name: metadata.name.clone(),
+            metadata,
+            settings: spec.settings.clone(),
+            limits: spec.limits,
+            pre,
+            exports,
+        };
         policy
-            .call(|store, p| p.call_check_settings(store, &settings))
+            .check_settings()
             .map_err(load_fault)?
             .map_err(|message| PolicyError::BadSettings {
                 name: policy.name.clone(),
@@ -236,6 +226,82 @@ impl PolicyEngine {
         );
         Ok(policy)
     }
+}
+
+/// Where the evaluator's functions are in a component.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Exports {
+    metadata: ComponentExportIndex,
+    check_settings: ComponentExportIndex,
+    evaluate: ComponentExportIndex,
+}
+
+impl Exports {
+    /// The evaluator's functions, under whichever version of the interface
+    /// the component exports (see [`check_contract`]); `None` when one is
+    /// missing.
+    pub(crate) fn find(engine: &Engine, component: &Component) -> Option<Exports> {
+        let name = component
+            .component_type()
+            .exports(engine)
+            .find_map(|(name, _)| {
+                (name.split_once('@').map_or(name, |(i, _)| i) == EVALUATOR)
+                    .then(|| name.to_string())
+            })?;
+        let instance = component.get_export_index(None, &name)?;
+        let func = |f: &str| component.get_export_index(Some(&instance), f);
+        Some(Exports {
+            metadata: func("metadata")?,
+            check_settings: func("check-settings")?,
+            evaluate: func("evaluate")?,
+        })
+    }
+
+    /// Checks that each function has the contract's type, without calling
+    /// any; on a mismatch, names the function.
+    fn check(
+        &self,
+        store: &mut Store<GuestState>,
+        instance: &Instance,
+    ) -> Result<(), (&'static str, wasmtime::Error)> {
+        instance
+            .get_typed_func::<(), (wit::PolicyMetadata,)>(&mut *store, self.metadata)
+            .map_err(|e| ("metadata", e))?;
+        instance
+            .get_typed_func::<(&str,), (Result<(), String>,)>(&mut *store, self.check_settings)
+            .map_err(|e| ("check-settings", e))?;
+        instance
+            .get_typed_func::<(&wit::Task, &wit::HostFacts, &str), (RawDecision,)>(
+                &mut *store,
+                self.evaluate,
+            )
+            .map_err(|e| ("evaluate", e))?;
+        Ok(())
+    }
+}
+
+/// The first call into a policy: checks the types of its functions (a
+/// mismatch names the function), then reads its metadata.
+#[allow(clippy::type_complexity)]
+pub(crate) fn read_metadata(
+    engine: &PolicyEngine,
+    pre: &InstancePre<GuestState>,
+    exports: Exports,
+    limits: Limits,
+) -> Result<Result<Metadata, (&'static str, wasmtime::Error)>, Fault> {
+    call_fresh(engine, pre, limits, |store, instance| {
+        if let Err(mismatch) = exports.check(store, instance) {
+            return Ok(Ok(Err(mismatch)));
+        }
+        let f =
+            instance.get_typed_func::<(), (wit::PolicyMetadata,)>(&mut *store, exports.metadata)?;
+        let (m,) = f.call(&mut *store, ())?;
+        Ok(Ok(Ok(Metadata {
+            name: m.name,
+            version: m.version,
+            rewrites: m.rewrites,
+        })))
+    })
 }
 
 pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>, PolicyError> {
@@ -330,62 +396,59 @@ pub(crate) struct LoadedPolicy {
     pub metadata: Metadata,
     pub settings: String,
     pub limits: Limits,
-    pre: PolicyPre<GuestState>,
+    pre: InstancePre<GuestState>,
+    exports: Exports,
 }
-
-pub(crate) type Evaluator = bindings::exports::qemu_executor::policy::evaluator::Guest;
 
 impl LoadedPolicy {
     /// Asks the policy about one task, in a fresh instance. Blocking.
     pub fn evaluate(&self, task: &Task, facts: &HostFacts) -> Result<Decision, Fault> {
         let wit_task = wit::Task::from(task.clone());
         let wit_facts = wit::HostFacts::from(facts);
-        let decision =
-            self.call(|store, p| p.call_evaluate(store, &wit_task, &wit_facts, &self.settings))?;
-        let decision = match decision {
-            wit::Decision::Accept => Decision::Accept,
-            wit::Decision::Reject(reason) => {
-                check_reason(&reason)?;
-                Decision::Reject { reason }
-            }
-            wit::Decision::Rewrite(rewrite) => {
-                if !self.metadata.rewrites {
-                    return Err(Fault::UndeclaredRewrite);
-                }
-                check_reason(&rewrite.reason)?;
-                let task = Task::from(rewrite.task);
-                let size = task_size(&task);
-                if size > MAX_TASK_BYTES {
-                    return Err(Fault::OutputTooLarge {
-                        what: "task",
-                        size,
-                        limit: MAX_TASK_BYTES,
-                    });
-                }
-                Decision::Rewrite {
-                    task: Box::new(task),
-                    reason: rewrite.reason,
-                }
-            }
-        };
-        Ok(decision)
+        let rewrites = self.metadata.rewrites;
+        call_fresh(&self.engine, &self.pre, self.limits, |store, instance| {
+            let f = instance
+                .get_typed_func::<(&wit::Task, &wit::HostFacts, &str), (RawDecision,)>(
+                    &mut *store,
+                    self.exports.evaluate,
+                )?;
+            let answer = lift::bounded(|| {
+                f.call(&mut *store, (&wit_task, &wit_facts, self.settings.as_str()))
+            })?;
+            Ok(answer.and_then(|(raw,)| match raw {
+                RawDecision::Accept => Ok(Decision::Accept),
+                RawDecision::Reject(reason) => Ok(Decision::Reject { reason: reason.0 }),
+                RawDecision::Rewrite(_) if !rewrites => Err(Fault::UndeclaredRewrite),
+                RawDecision::Rewrite(rewrite) => Ok(Decision::Rewrite {
+                    task: Box::new(Task::from(wit::Task::from(rewrite.task))),
+                    reason: rewrite.reason.0,
+                }),
+            }))
+        })
     }
 
-    fn call<R>(
-        &self,
-        f: impl FnOnce(&mut Store<GuestState>, &Evaluator) -> wasmtime::Result<R>,
-    ) -> Result<R, Fault> {
-        call_fresh(&self.engine, &self.pre, self.limits, f)
+    /// Has the policy check its settings: `Ok(Err(message))` when it
+    /// refuses them, the message cut at `MAX_REASON_BYTES`.
+    fn check_settings(&self) -> Result<Result<(), String>, Fault> {
+        call_fresh(&self.engine, &self.pre, self.limits, |store, instance| {
+            let f = instance.get_typed_func::<(&str,), (Result<(), String>,)>(
+                &mut *store,
+                self.exports.check_settings,
+            )?;
+            let (answer,) = f.call(&mut *store, (self.settings.as_str(),))?;
+            Ok(Ok(answer.map_err(lift::settings_error)))
+        })
     }
 }
 
 /// Runs `f` against a fresh instance of `pre` in a fresh store under
-/// `limits`, and turns whatever stopped it into a [`Fault`].
+/// `limits`, and turns whatever stopped it into a [`Fault`]: an error of
+/// `f` is a trap or an exit, its `Err` a policy's answer the host refuses.
 pub(crate) fn call_fresh<R>(
     engine: &PolicyEngine,
-    pre: &PolicyPre<GuestState>,
+    pre: &InstancePre<GuestState>,
     limits: Limits,
-    f: impl FnOnce(&mut Store<GuestState>, &Evaluator) -> wasmtime::Result<R>,
+    f: impl FnOnce(&mut Store<GuestState>, &Instance) -> wasmtime::Result<Result<R, Fault>>,
 ) -> Result<R, Fault> {
     let inner = &engine.inner;
     let mut store = Store::new(&inner.engine, GuestState::new(limits.memory));
@@ -395,10 +458,8 @@ pub(crate) fn call_fresh<R>(
     let _running = inner.ticker.running();
     let result = pre
         .instantiate(&mut store)
-        .and_then(|instance: PolicyBindings| {
-            f(&mut store, instance.qemu_executor_policy_evaluator())
-        });
-    result.map_err(|err| fault(&store, limits, err))
+        .and_then(|instance| f(&mut store, &instance));
+    result.unwrap_or_else(|err| Err(fault(&store, limits, err)))
 }
 
 fn fault(store: &Store<GuestState>, limits: Limits, err: wasmtime::Error) -> Fault {
@@ -419,118 +480,12 @@ fn fault(store: &Store<GuestState>, limits: Limits, err: wasmtime::Error) -> Fau
     }
 }
 
-fn check_reason(reason: &str) -> Result<(), Fault> {
-    if reason.len() > MAX_REASON_BYTES {
-        return Err(Fault::OutputTooLarge {
-            what: "reason",
-            size: reason.len(),
-            limit: MAX_REASON_BYTES,
-        });
-    }
-    Ok(())
-}
-
-/// The bytes a task holds in strings and list entries, roughly what it
-/// costs to keep, log and print.
-pub(crate) fn task_size(task: &Task) -> usize {
-    let ports: usize = task
-        .ports
-        .iter()
-        .map(|p| 16 + p.host_ip.len() + p.http_path.len())
-        .sum();
-    let args: usize = task.args.iter().map(|a| 8 + a.len()).sum();
-    task.name.len()
-        + task.image_source.len()
-        + task.checksum.digest.len()
-        + task.ready_serial.as_ref().map_or(0, String::len)
-        + task.machine_type.len()
-        + ports
-        + args
-}
-
 /// Epoch ticks for a time limit, plus one because the current tick may end
 /// at any moment.
 fn deadline_ticks(limit: Duration) -> u64 {
     let tick = EPOCH_TICK.as_nanos();
     let ticks = limit.as_nanos().div_ceil(tick);
     u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
-}
-
-/// Advances the engine's epoch every [`EPOCH_TICK`] while at least one call
-/// into a policy is running, and sleeps otherwise, so that an idle executor
-/// does not wake up hundreds of times a second.
-struct Ticker {
-    thread: OnceLock<Thread>,
-    state: Arc<TickerState>,
-}
-
-struct TickerState {
-    running: AtomicUsize,
-    stop: AtomicBool,
-}
-
-impl Ticker {
-    fn start(engine: &Engine) -> Self {
-        let state = Arc::new(TickerState {
-            running: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
-        });
-        let weak = engine.weak();
-        let shared = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("policy-epoch".into())
-            .spawn(move || {
-                while !shared.stop.load(Ordering::Acquire) {
-                    if shared.running.load(Ordering::Acquire) == 0 {
-                        std::thread::park();
-                        continue;
-                    }
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            });
-        let cell = OnceLock::new();
-        match thread {
-            Ok(handle) => {
-                let _ = cell.set(handle.thread().clone());
-            }
-            // Without a ticker no deadline fires; every call then relies on
-            // the host-side backstop in the chain. Say so loudly.
-            Err(err) => tracing::error!(error = %err, "Cannot start the policy epoch ticker"),
-        }
-        Ticker {
-            thread: cell,
-            state,
-        }
-    }
-
-    /// Marks a call as running until the guard drops.
-    fn running(&self) -> RunningGuard<'_> {
-        if self.state.running.fetch_add(1, Ordering::AcqRel) == 0
-            && let Some(thread) = self.thread.get()
-        {
-            thread.unpark();
-        }
-        RunningGuard(self)
-    }
-
-    fn stop(&self) {
-        self.state.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.get() {
-            thread.unpark();
-        }
-    }
-}
-
-struct RunningGuard<'a>(&'a Ticker);
-
-impl Drop for RunningGuard<'_> {
-    fn drop(&mut self) {
-        self.0.state.running.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker, LinkerInstance, ResourceType};
 
 use super::artifacts::sha256_hex;
-use super::host::{self, EVALUATOR, PolicyPre};
+use super::host::{self, EVALUATOR, Exports};
 use super::wasi::GuestState;
 use super::{CONTRACT_VERSION, Limits, PolicyEngine, PolicyError};
 
@@ -178,25 +178,30 @@ impl PolicyEngine {
                 return;
             }
         };
-        let pre = linker.instantiate_pre(component).and_then(PolicyPre::new);
-        let pre = match pre {
+        let pre = match linker.instantiate_pre(component) {
             Ok(pre) => pre,
             Err(err) => {
                 inspection.metadata_problem = Some(format!("not read: {}", chain_text(&err)));
                 return;
             }
         };
-        match host::call_fresh(self, &pre, limits, |store, p| p.call_metadata(store)) {
-            Ok(m) => {
-                let metadata = Metadata {
-                    name: m.name,
-                    version: m.version,
-                    rewrites: m.rewrites,
-                };
+        let Some(exports) = Exports::find(self.wasmtime(), component) else {
+            inspection.metadata_problem =
+                Some("not read: the evaluator lacks a function of the contract".into());
+            return;
+        };
+        match host::read_metadata(self, &pre, exports, limits) {
+            Ok(Ok(metadata)) => {
                 if let Err(problem) = host::check_metadata(&metadata) {
                     inspection.metadata_problem = Some(format!("unusable: {problem}"));
                 }
                 inspection.metadata = Some(metadata);
+            }
+            Ok(Err((function, err))) => {
+                inspection.metadata_problem = Some(format!(
+                    "not read: its function {function} does not have the contract's type: {}",
+                    chain_text(&err)
+                ));
             }
             Err(fault) => {
                 inspection.metadata_problem = Some(format!("the policy failed: {fault}"));

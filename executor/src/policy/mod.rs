@@ -21,13 +21,15 @@ mod convert;
 pub mod diff;
 mod host;
 mod inspect;
+mod lift;
+mod ticker;
 mod wasi;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use chain::{Chain, ChainOutcome, PolicyInfo, Step, StepDecision};
+pub use chain::{Chain, ChainOutcome, MAX_PASSES, PolicyInfo, Step, StepDecision};
 pub use diff::FieldChange;
 pub use host::{EngineOptions, PolicyEngine};
 pub use inspect::{Import, Inspection};
@@ -41,6 +43,11 @@ pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_millis(100);
 pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
 /// Largest memory limit an operator may give one policy.
 pub const MAX_MEMORY_LIMIT: u64 = 4 << 30;
+/// Memory a policy may have per millisecond of its time limit. Filling or
+/// copying all of its memory is one WebAssembly instruction, which the time
+/// limit cannot interrupt; a host writes memory at 1 GiB/s or more, so with
+/// this cap that instruction ends within about the time limit again.
+pub const MEMORY_PER_MS: u64 = 1 << 20;
 /// Largest time limit an operator may give one policy.
 pub const MAX_TIME_LIMIT: Duration = Duration::from_secs(60);
 /// Longest reason a policy may give, in bytes.
@@ -87,7 +94,17 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Refuses limits of zero or beyond what the engine can give.
+    /// The time limit `time` with the default memory limit, or less where
+    /// [`MEMORY_PER_MS`] allows less.
+    pub fn with_time(time: Duration) -> Limits {
+        Limits {
+            time,
+            memory: DEFAULT_MEMORY_LIMIT.min(memory_for(time)),
+        }
+    }
+
+    /// Refuses limits of zero, beyond what the engine can give, or memory
+    /// the time limit cannot bound (see [`MEMORY_PER_MS`]).
     pub fn validate(&self) -> Result<(), String> {
         if self.time.is_zero() || self.time > MAX_TIME_LIMIT {
             return Err(format!(
@@ -103,8 +120,24 @@ impl Limits {
                 MAX_MEMORY_LIMIT >> 20
             ));
         }
+        if self.memory > memory_for(self.time) {
+            return Err(format!(
+                "memory limit of {} needs a time limit of at least {} ms ({} MiB per ms): \
+                 one instruction can fill all of memory, and the time limit cannot stop it midway",
+                mib(self.memory),
+                self.memory.div_ceil(MEMORY_PER_MS),
+                MEMORY_PER_MS >> 20
+            ));
+        }
         Ok(())
     }
+}
+
+/// The most memory a time limit bounds.
+fn memory_for(time: Duration) -> u64 {
+    u64::try_from(time.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_mul(MEMORY_PER_MS)
 }
 
 /// One policy to load: from a `[[policy]]` entry of `executor.toml` or from
@@ -219,6 +252,16 @@ pub enum PolicyError {
         #[source]
         source: Cause,
     },
+    #[error(
+        "{}: its function {function} does not have the type of policy contract {CONTRACT_VERSION}",
+        path.display()
+    )]
+    Signature {
+        path: PathBuf,
+        function: &'static str,
+        #[source]
+        source: Cause,
+    },
     #[error("Policy {} failed while loading: {fault}", path.display())]
     LoadFault { path: PathBuf, fault: Fault },
     #[error("Policy {} has unusable metadata: {problem}", path.display())]
@@ -279,8 +322,12 @@ impl fmt::Display for Fault {
             }
             Fault::Trap { message, stderr } => write!(f, "trapped: {message} ({stderr})"),
             Fault::Exit { code } => write!(f, "called exit with status {code}"),
+            // A task's size is counted until it passes the limit.
             Fault::OutputTooLarge { what, size, limit } => {
-                write!(f, "returned a {what} of {size} bytes (at most {limit})")
+                write!(
+                    f,
+                    "returned a {what} of {size} bytes or more (at most {limit})"
+                )
             }
             Fault::UndeclaredRewrite => {
                 f.write_str("rewrote the task although its metadata says it does not rewrite")
@@ -324,9 +371,32 @@ mod tests {
         assert!(zero.validate().unwrap_err().contains("time limit"));
         let huge = Limits {
             memory: MAX_MEMORY_LIMIT + 1,
-            ..Limits::default()
+            time: MAX_TIME_LIMIT,
         };
         assert!(huge.validate().unwrap_err().contains("memory limit"));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_time_limit() {
+        let ms = Duration::from_millis;
+        // The issue's case: 2 GiB filled in one instruction against 100 ms.
+        let unbounded = Limits {
+            time: ms(100),
+            memory: 2 << 30,
+        };
+        assert_eq!(
+            unbounded.validate().unwrap_err(),
+            "memory limit of 2048 MiB needs a time limit of at least 2048 ms (1 MiB per ms): \
+             one instruction can fill all of memory, and the time limit cannot stop it midway"
+        );
+        let bounded = Limits {
+            time: ms(2048),
+            memory: 2 << 30,
+        };
+        assert!(bounded.validate().is_ok());
+        assert_eq!(Limits::with_time(ms(20)).memory, 20 << 20);
+        assert_eq!(Limits::with_time(ms(500)).memory, DEFAULT_MEMORY_LIMIT);
+        assert!(Limits::with_time(ms(1)).validate().is_ok());
     }
 
     #[test]
@@ -349,7 +419,7 @@ mod tests {
                 limit: 4096
             }
             .to_string(),
-            "returned a reason of 5000 bytes (at most 4096)"
+            "returned a reason of 5000 bytes or more (at most 4096)"
         );
     }
 }

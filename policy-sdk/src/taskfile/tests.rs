@@ -256,3 +256,39 @@ fn validate_rejects_what_a_policy_could_produce() {
         .collect();
     assert_eq!(got, ["checksum", "ports", "memory_mb"]);
 }
+
+#[test]
+fn control_characters_are_refused_in_every_string_field() {
+    // The URL parser drops tabs and newlines without a word, so this one
+    // would pass a URL check alone.
+    let mut task = toml_task("host_port = 8080\nguest_port = 80\n").unwrap();
+    task.image_source = "http://127.0.0.1/x\nHost: evil".into();
+    task.ready_serial = Some("login:\u{1b}[2J".into());
+    task.args = vec!["-smbios".into(), "type=1,product=a\u{7}".into()];
+    task.ports[0].http_path = "/\u{9b}".into();
+    task.ports[0].host_ip = "127.0.0.1\u{0}".into();
+    task.machine_type = "pc\t".into();
+    task.name = "web\u{7f}".into();
+    let err = crate::taskfile::validate(&task).unwrap_err();
+    let named: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        named,
+        [
+            "name",
+            "image_source",
+            "ports[0].host_ip",
+            "ports[0].http_path",
+            "ready_serial",
+            "machine_type",
+            "args[1]"
+        ]
+    );
+    let message = err.to_string();
+    assert!(!message.contains(char::is_control), "{message:?}");
+    assert!(
+        message.contains(
+            "image_source: \"http://127.0.0.1/x\\nHost: evil\" must not contain control characters"
+        ),
+        "{message}"
+    );
+}

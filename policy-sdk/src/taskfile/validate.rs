@@ -132,9 +132,12 @@ pub fn validate(task: &Task) -> Result<(), FieldErrors> {
     }
 
     if let Some(pattern) = &task.ready_serial
-        && (pattern.is_empty() || pattern.contains(['\n', '\r']))
+        && (pattern.is_empty() || pattern.contains(char::is_control))
     {
-        p.push("ready_serial", "must be one non-empty line");
+        p.push(
+            "ready_serial",
+            "must be one non-empty line without control characters",
+        );
     }
     if task.machine_type.is_empty()
         || !task
@@ -151,8 +154,8 @@ pub fn validate(task: &Task) -> Result<(), FieldErrors> {
         );
     }
     for (i, arg) in task.args.iter().enumerate() {
-        if arg.contains(['\n', '\r', '\0']) {
-            p.push(format!("args[{i}]"), "must not contain newlines or NUL");
+        if arg.contains(char::is_control) {
+            p.push(format!("args[{i}]"), CONTROL);
         }
     }
 
@@ -163,7 +166,15 @@ pub fn validate(task: &Task) -> Result<(), FieldErrors> {
     }
 }
 
+/// What every string field of a task is refused for when it holds a control
+/// character (C0, DEL or C1): the URL parser would drop a newline silently,
+/// and messages and logs would carry it raw.
+const CONTROL: &str = "must not contain control characters";
+
 fn check_image_source(source: &str) -> Result<(), String> {
+    if source.contains(char::is_control) {
+        return Err(format!("{source:?} {CONTROL}"));
+    }
     let url = url::Url::parse(source).map_err(|e| format!("{source:?} is not a URL: {e}"))?;
     match url.scheme() {
         "http" | "https" => {

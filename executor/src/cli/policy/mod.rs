@@ -200,7 +200,7 @@ async fn check(args: CheckArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode>
     };
     println!("{}", serde_json::to_string_pretty(&body)?);
     if let ChainOutcome::Rejected { .. } = outcome {
-        eprintln!("{outcome}");
+        eprintln!("{}", qemu_executor::text::Printable(&outcome.to_string()));
     }
     Ok(ExitCode::from(code))
 }
@@ -316,10 +316,7 @@ fn read_settings(arg: Option<&str>) -> anyhow::Result<String> {
 }
 
 pub(super) fn report_error(err: &anyhow::Error, code: Exit) -> ExitCode {
-    eprintln!("error: {err}");
-    for cause in err.chain().skip(1) {
-        eprintln!("  caused by: {cause}");
-    }
+    super::print_error(err.as_ref());
     code.into()
 }
 

@@ -15,8 +15,12 @@ pub struct Hostile;
 pub struct Settings {
     /// `accept`, `loop`, `alloc`, `panic`, `read-file`, `env`,
     /// `huge-reason`, `invalid-task`, `sleep`, `recurse`, `exit`, `random`,
-    /// `clock`.
+    /// `clock`, `long-list` (a rewrite with `size` arguments), `fill` (one
+    /// `memory.fill` over `size` MiB), `huge-settings-error` (refuses its
+    /// settings with 20 MiB of text).
     pub mode: String,
+    #[serde(default)]
+    pub size: u32,
 }
 
 impl Policy for Hostile {
@@ -28,7 +32,9 @@ impl Policy for Hostile {
     fn check_settings(s: &Settings) -> Result<(), String> {
         match s.mode.as_str() {
             "accept" | "loop" | "alloc" | "panic" | "read-file" | "env" | "huge-reason"
-            | "invalid-task" | "sleep" | "recurse" | "exit" | "random" | "clock" => Ok(()),
+            | "invalid-task" | "sleep" | "recurse" | "exit" | "random" | "clock" | "long-list"
+            | "fill" => Ok(()),
+            "huge-settings-error" => Err("x".repeat(20 << 20)),
             other => Err(format!("unknown mode {other:?}")),
         }
     }
@@ -74,6 +80,17 @@ impl Policy for Hostile {
                 Decision::Accept
             }
             "recurse" => Decision::reject(format!("depth {}", recurse(black_box(1)))),
+            "long-list" => {
+                // Cheap here (empty strings allocate nothing), costly for a
+                // host that copies every entry before checking the size.
+                let mut long = task.clone();
+                long.args = vec![String::new(); s.size as usize];
+                Decision::rewrite(long, "a long list")
+            }
+            "fill" => {
+                fill(s.size);
+                Decision::Accept
+            }
             "exit" => std::process::exit(3),
             "random" => {
                 // HashMap asks the host for random keys; a fixed seed must
@@ -99,6 +116,26 @@ impl Policy for Hostile {
 }
 
 use std::hash::BuildHasher;
+
+/// Grows memory by `mib` MiB and fills it with one `memory.fill`: a single
+/// instruction, which no epoch deadline interrupts.
+#[cfg(target_arch = "wasm32")]
+fn fill(mib: u32) {
+    let pages = (mib as usize) << 4;
+    let start = core::arch::wasm32::memory_grow(0, pages);
+    if start == usize::MAX {
+        panic!("cannot grow memory by {mib} MiB");
+    }
+    let len = (mib as usize)
+        .checked_mul(1 << 20)
+        .expect("at most 4095 MiB on wasm32");
+    // SAFETY: the pages just grown belong to no one else. With bulk memory
+    // (on by default for wasm32-wasip2) this memset is one `memory.fill`.
+    unsafe { core::ptr::write_bytes((start << 16) as *mut u8, 0xa5, black_box(len)) };
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn fill(_mib: u32) {}
 
 fn recurse(n: u64) -> u64 {
     if n == 0 {
