@@ -44,8 +44,12 @@ else
     # directory, not next to app.py.
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
+    # The source is built from a copy there as well: componentize-py
+    # leaves a __pycache__ beside the module it compiles.
+    mkdir "$work/src"
+    cp "$here/app.py" "$work/src/"
     (cd "$work" && "$venv/bin/componentize-py" -d "$root/policy-sdk/wit" -w policy \
-        componentize app -p "$here" -o "$out.tmp" >&2)
+        componentize app -p "$work/src" -o "$out.tmp" >&2)
     mv "$out.tmp" "$out"
     echo "$stamp" > "$out.stamp"
 fi
