@@ -53,7 +53,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Cannot create the task directory")]
+    /// Its own message names the directory.
+    #[error(transparent)]
     TaskDir(#[from] crate::launch::LaunchError),
     #[error("The agent is shutting down and accepts no new tasks")]
     ShuttingDown,

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use policy_sdk::{Accelerator, KvmStatus};
 
 use super::exit::Exit;
-use crate::cache::CacheError;
 use crate::fetch::FetchError;
 use crate::host::isolation::IsolationError;
 use crate::host::probe::FingerprintError;
@@ -46,8 +45,6 @@ pub enum LaunchError {
     },
     #[error("Cannot fetch the image")]
     Fetch(#[from] FetchError),
-    #[error("Cannot use the image cache")]
-    Cache(#[from] CacheError),
     #[error("Cannot confine the VM")]
     Isolation(#[from] IsolationError),
     #[error("Cannot prepare the boot image")]
@@ -106,10 +103,9 @@ impl LaunchError {
             | LaunchError::Watch(_)
             | LaunchError::ShimKilled => Kind::Qemu,
             LaunchError::Interrupted => Kind::Interrupted,
-            LaunchError::TaskDir { .. }
-            | LaunchError::Write { .. }
-            | LaunchError::Cache(_)
-            | LaunchError::Isolation(_) => Kind::Internal,
+            LaunchError::TaskDir { .. } | LaunchError::Write { .. } | LaunchError::Isolation(_) => {
+                Kind::Internal
+            }
         }
     }
 

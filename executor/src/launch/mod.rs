@@ -35,7 +35,7 @@ mod tests;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use policy_sdk::{Accelerator, Checksum, Task};
+use policy_sdk::{Accelerator, Checksum, HostFacts, Task};
 
 use crate::config::Config;
 use crate::fetch::{Fetched, ProgressObserver};
@@ -75,6 +75,10 @@ pub struct Detached {
 pub struct Admitted {
     pub task: Task,
     pub extra_args: Vec<String>,
+    /// The host facts the policies saw, which a plan made right after the
+    /// admission reuses; `None` for an earlier admission (an agent's
+    /// relaunch), whose plan probes the host again.
+    facts: Option<HostFacts>,
 }
 
 impl Admitted {
@@ -82,7 +86,11 @@ impl Admitted {
     /// stored task): only the operator's `args` allowlist is checked again.
     pub fn of(task: Task, config: &Config) -> Result<Admitted, LaunchError> {
         let extra_args = config.args.check(&task.args)?;
-        Ok(Admitted { task, extra_args })
+        Ok(Admitted {
+            task,
+            extra_args,
+            facts: None,
+        })
     }
 }
 
@@ -147,7 +155,10 @@ impl<S: Seam> Pipeline<S> {
         let outcome = self.seam.evaluate(task, &facts).await;
         on_event(Event::Policies(&outcome));
         match outcome {
-            ChainOutcome::Accepted { task, .. } => Admitted::of(task, &self.config),
+            ChainOutcome::Accepted { task, .. } => Ok(Admitted {
+                facts: Some(facts),
+                ..Admitted::of(task, &self.config)?
+            }),
             rejected @ ChainOutcome::Rejected { fault, .. } => Err(LaunchError::Rejected {
                 summary: rejected.to_string(),
                 fault,
@@ -155,14 +166,17 @@ impl<S: Seam> Pipeline<S> {
         }
     }
 
-    /// The accelerator this host gives the task now (a KVM verdict
-    /// recorded since the admission counts), and qemu.
+    /// The accelerator this host gives the task now (for an earlier
+    /// admission, a KVM verdict recorded since then counts), and qemu.
     pub async fn plan(
         &self,
         admitted: &Admitted,
         on_event: &mut (impl FnMut(Event<'_>) + Send),
     ) -> Result<Plan, LaunchError> {
-        let facts = self.seam.facts().await;
+        let facts = match &admitted.facts {
+            Some(facts) => facts.clone(),
+            None => self.seam.facts().await,
+        };
         let (accelerator, reason) = accelerator::choose(&admitted.task, &facts)?;
         on_event(Event::Accelerator {
             requested: admitted.task.accelerator,
@@ -198,7 +212,14 @@ impl<S: Seam> Pipeline<S> {
         let key = dir.key();
         let image = tokio::select! {
             fetched = self.seam.fetch(&task.image_source, &task.checksum, &key, placement.file_dir.as_deref(), progress) => fetched?,
-            _ = stop.requested() => return Err(LaunchError::Interrupted),
+            _ = stop.requested() => {
+                // The fetch may have leased the image just before it was
+                // dropped.
+                if let Err(e) = self.seam.release_lease(&task.checksum, &key) {
+                    tracing::warn!(task = %key, error = %crate::error_chain(&e), "cannot release the image lease");
+                }
+                return Err(LaunchError::Interrupted);
+            }
         };
         on_event(Event::Image(&image));
         let cgroups = match self.confine(task, dir, on_event) {

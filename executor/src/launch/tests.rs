@@ -128,6 +128,7 @@ impl Seam for FakeSeam {
     type Vm = FakeVm;
 
     async fn facts(&self) -> HostFacts {
+        self.log.lock().unwrap().push("facts".into());
         self.facts.clone()
     }
 
@@ -334,16 +335,10 @@ async fn run(
         cgroups: Vec::new(),
         exit_record: None,
     };
-    let prepared = match pipeline
+    // As `run` does: a failed preparation gives back what it took itself.
+    let prepared = pipeline
         .prepare(admitted, plan, &placement, stop, None, &mut on_event)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => {
-            pipeline.release(&holdings);
-            return Err(e);
-        }
-    };
+        .await?;
     let ended = pipeline
         .launch(&prepared, &placement, stop, &mut on_event)
         .await;
@@ -447,6 +442,32 @@ async fn a_rewrite_is_what_runs() {
         ]
     );
     assert_released(&w);
+}
+
+#[tokio::test]
+async fn a_plan_right_after_the_admission_probes_the_host_once_and_a_relaunch_again() {
+    let w = world(
+        KvmStatus::Usable,
+        accept,
+        FetchScript::Image,
+        vec![Script::ReadyThenShutdown],
+    );
+    run(&w, task(""), &StopSignal::default(), &mut Seen::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        w.pipeline.seam.logged("facts"),
+        1,
+        "{:?}",
+        w.pipeline.seam.log()
+    );
+    let stored = Admitted::of(task(""), &w.pipeline.config).unwrap();
+    w.pipeline.plan(&stored, &mut |_| {}).await.unwrap();
+    assert_eq!(
+        w.pipeline.seam.logged("facts"),
+        2,
+        "a relaunch sees the host as it is now"
+    );
 }
 
 #[tokio::test]

@@ -99,10 +99,14 @@ impl TaskDir {
     }
 
     /// Writes the final task as `task.json`, for whoever reads the
-    /// directory later.
+    /// directory later: whole or not at all, whenever we are killed.
     pub fn write_task(&self, task: &Task) -> std::io::Result<()> {
+        use std::io::Write as _;
         let text = serde_json::to_string_pretty(task).expect("a task always serializes");
-        std::fs::write(self.task_file(), text)
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.root)?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.persist(self.task_file()).map_err(|e| e.error)?;
+        Ok(())
     }
 }
 
