@@ -39,10 +39,10 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 pub async fn run(args: AgentArgs, global: &GlobalOpts) -> anyhow::Result<ExitCode> {
     let config = super::load_config(global)?;
-    // qemu gets these paths on its command line and chroots into task
-    // directories: they must not depend on the agent's working directory.
-    let state_dir = std::path::absolute(global.state_dir())?;
-    let cache = qemu_executor::cache::Cache::open(&std::path::absolute(global.cache_dir())?)?;
+    // Absolute already (`GlobalOpts`): qemu gets paths below them on its
+    // command line and chroots into task directories.
+    let state_dir = global.state_dir();
+    let cache = qemu_executor::cache::Cache::open(&global.cache_dir())?;
     let isolation = Isolation::detect(&config.agent, config.qemu.sandbox)?;
     let chain = super::load_chain(global, &config, Vec::new()).await?;
     let pipeline = Pipeline {
